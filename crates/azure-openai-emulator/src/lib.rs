@@ -1,0 +1,328 @@
+//! A small, real HTTP server on 127.0.0.1 speaking Azure OpenAI's chat-completions wire format,
+//! scriptable per deployment: healthy answers, 429s with each `retry-after` header variant,
+//! 5xx, content filtering, hangs and connection resets.
+//!
+//! ```no_run
+//! use azure_openai_emulator::{Behavior, Emulator, RetryAfter};
+//!
+//! # async fn demo() -> std::io::Result<()> {
+//! let emu = Emulator::builder()
+//!     .deployment("gpt-4o", Behavior::Throttled(RetryAfter::Seconds(7)))
+//!     .deployment("gpt-35-turbo", Behavior::Healthy)
+//!     .start()
+//!     .await?;
+//! // POST {emu.url()}/openai/deployments/gpt-4o/chat/completions?api-version=2024-10-21
+//! // with header `api-key: {emu.api_key()}` now answers 429 with `retry-after: 7`.
+//! emu.push("gpt-35-turbo", Behavior::ServerError); // the next call only
+//! assert_eq!(emu.calls("gpt-4o"), 0);
+//! # Ok(()) }
+//! ```
+//!
+//! Routes: `POST /openai/deployments/{deployment}/chat/completions?api-version=V` and
+//! `POST /openai/v1/chat/completions` (deployment from the body's `model`). Auth: `api-key: KEY`
+//! or `Authorization: Bearer KEY`. Checks run in this order: api-version (classic route), key,
+//! deployment registered, body has `messages`, then the deployment's behaviour.
+
+mod behavior;
+mod server;
+mod wire;
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+
+pub use behavior::{Behavior, RetryAfter};
+
+/// One request received on a chat-completions route, as recorded by the emulator.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RecordedRequest {
+    /// The URL path, e.g. `/openai/deployments/gpt-4o/chat/completions`.
+    pub path: String,
+    /// The raw query string (without `?`), e.g. `api-version=2024-10-21`.
+    pub query: Option<String>,
+    /// Headers by lowercase name; repeated headers joined with `", "`.
+    pub headers: BTreeMap<String, String>,
+    /// The JSON body, or the raw text as a JSON string when it was not JSON.
+    pub body: serde_json::Value,
+}
+
+/// A running emulator. Dropping it stops the server: the listener closes and every connection,
+/// including hung ones, is dropped (immediately on a multi-thread runtime, at the next scheduling
+/// point on a current-thread one).
+pub struct Emulator {
+    addr: SocketAddr,
+    shared: Arc<Shared>,
+    task: JoinHandle<()>,
+}
+
+impl Emulator {
+    /// A builder with key `emulator-key`, no deployments, bound to `127.0.0.1:0`.
+    pub fn builder() -> EmulatorBuilder {
+        EmulatorBuilder {
+            api_key: "emulator-key".to_owned(),
+            deployments: Vec::new(),
+            models: Vec::new(),
+            bind: SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
+            log_calls: false,
+        }
+    }
+
+    /// The base URL, `http://127.0.0.1:PORT` (no trailing slash).
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// The address the server listens on.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The key accepted in `api-key` or `Authorization: Bearer`.
+    pub fn api_key(&self) -> &str {
+        &self.shared.api_key
+    }
+
+    /// Sets the steady behaviour of `deployment` from now on, registering it if new.
+    /// Queued one-shot behaviours (see [`Emulator::push`]) still come first.
+    pub fn set(&self, deployment: &str, behavior: Behavior) {
+        self.shared.lock().entry(deployment).steady = Some(behavior);
+    }
+
+    /// Queues a one-shot behaviour (FIFO) for the next call to `deployment`, before the steady one
+    /// applies again. Registers the deployment as [`Behavior::Healthy`] if new.
+    /// Calls rejected before the behaviour applies (wrong key, bad body) do not consume it.
+    pub fn push(&self, deployment: &str, behavior: Behavior) {
+        let mut state = self.shared.lock();
+        let d = state.entry(deployment);
+        d.steady.get_or_insert(Behavior::Healthy);
+        d.queue.push_back(behavior);
+    }
+
+    /// Delay added before answering a successful (200) call of `deployment`.
+    pub fn set_latency(&self, deployment: &str, latency: Duration) {
+        self.shared.lock().entry(deployment).latency = latency;
+    }
+
+    /// Values of `x-ratelimit-remaining-requests` / `-tokens` on successful answers
+    /// (default 99 and 99000).
+    pub fn set_remaining(&self, deployment: &str, requests: u64, tokens: u64) {
+        let mut state = self.shared.lock();
+        let d = state.entry(deployment);
+        (d.remaining_requests, d.remaining_tokens) = (requests, tokens);
+    }
+
+    /// Calls received for `deployment` (any outcome, including rejected, hung and reset ones).
+    pub fn calls(&self, deployment: &str) -> usize {
+        self.shared
+            .lock()
+            .deployments
+            .get(deployment)
+            .map_or(0, |d| d.calls)
+    }
+
+    /// Calls received on the chat-completions routes, for any deployment or none.
+    pub fn total_calls(&self) -> usize {
+        self.shared.lock().total_calls
+    }
+
+    /// The requests received for `deployment`, oldest first.
+    pub fn requests(&self, deployment: &str) -> Vec<RecordedRequest> {
+        let state = self.shared.lock();
+        state
+            .deployments
+            .get(deployment)
+            .map_or_else(Vec::new, |d| d.requests.clone())
+    }
+
+    /// Sets every call counter to zero and forgets recorded requests (behaviours are kept).
+    pub fn reset_counters(&self) {
+        let mut state = self.shared.lock();
+        state.total_calls = 0;
+        for d in state.deployments.values_mut() {
+            d.calls = 0;
+            d.requests.clear();
+        }
+    }
+}
+
+impl Drop for Emulator {
+    fn drop(&mut self) {
+        // The accept task owns the listener and a JoinSet of connections: aborting it drops them all.
+        self.task.abort();
+    }
+}
+
+impl std::fmt::Debug for Emulator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Emulator")
+            .field("addr", &self.addr)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Configures and starts an [`Emulator`].
+#[derive(Clone, Debug)]
+pub struct EmulatorBuilder {
+    api_key: String,
+    deployments: Vec<(String, Behavior)>,
+    models: Vec<(String, String)>,
+    bind: SocketAddr,
+    log_calls: bool,
+}
+
+impl EmulatorBuilder {
+    /// The key to accept (default `emulator-key`).
+    pub fn api_key(mut self, key: impl Into<String>) -> Self {
+        self.api_key = key.into();
+        self
+    }
+
+    /// Registers a deployment with its steady behaviour.
+    pub fn deployment(mut self, name: impl Into<String>, behavior: Behavior) -> Self {
+        self.deployments.push((name.into(), behavior));
+        self
+    }
+
+    /// The `model` reported for `deployment` (default derived from the name:
+    /// `gpt-4o` -> `gpt-4o-2024-08-06`, `gpt-35-turbo` -> `gpt-35-turbo-0125`, else the name).
+    pub fn model_version(mut self, deployment: &str, model: impl Into<String>) -> Self {
+        self.models.push((deployment.to_owned(), model.into()));
+        self
+    }
+
+    /// The address to listen on (default `127.0.0.1:0`, an ephemeral port).
+    pub fn bind(mut self, addr: SocketAddr) -> Self {
+        self.bind = addr;
+        self
+    }
+
+    /// Logs one line per call to stderr (deployment, behaviour, status); off by default.
+    pub fn log_calls(mut self, on: bool) -> Self {
+        self.log_calls = on;
+        self
+    }
+
+    /// Binds the listener and starts serving on the current tokio runtime.
+    pub async fn start(self) -> std::io::Result<Emulator> {
+        let listener = TcpListener::bind(self.bind).await?;
+        let addr = listener.local_addr()?;
+        let mut state = StateInner::default();
+        for (name, behavior) in self.deployments {
+            state.entry(&name).steady = Some(behavior);
+        }
+        for (name, model) in self.models {
+            state.entry(&name).model = Some(model);
+        }
+        let shared = Arc::new(Shared {
+            api_key: self.api_key,
+            log_calls: self.log_calls,
+            state: Mutex::new(state),
+        });
+        let task = tokio::spawn(server::accept_loop(
+            listener,
+            server::router(shared.clone()),
+        ));
+        Ok(Emulator { addr, shared, task })
+    }
+}
+
+/// State shared by the handle and the server.
+pub(crate) struct Shared {
+    api_key: String,
+    log_calls: bool,
+    state: Mutex<StateInner>,
+}
+
+#[derive(Default)]
+struct StateInner {
+    deployments: HashMap<String, DeploymentState>,
+    total_calls: usize,
+}
+
+impl StateInner {
+    fn entry(&mut self, name: &str) -> &mut DeploymentState {
+        self.deployments
+            .entry(name.to_owned())
+            .or_insert_with(|| DeploymentState {
+                steady: None,
+                queue: VecDeque::new(),
+                latency: Duration::ZERO,
+                model: None,
+                remaining_requests: 99,
+                remaining_tokens: 99_000,
+                calls: 0,
+                requests: Vec::new(),
+            })
+    }
+}
+
+/// Per deployment name; an entry exists for unregistered names too (calls, latency, model).
+struct DeploymentState {
+    /// `None`: not registered, calls answer 404 DeploymentNotFound.
+    steady: Option<Behavior>,
+    queue: VecDeque<Behavior>,
+    latency: Duration,
+    model: Option<String>,
+    remaining_requests: u64,
+    remaining_tokens: u64,
+    calls: usize,
+    requests: Vec<RecordedRequest>,
+}
+
+/// What the server should do with one call of a registered deployment.
+pub(crate) struct Plan {
+    pub behavior: Behavior,
+    pub model: String,
+    pub latency: Duration,
+    pub remaining_requests: u64,
+    pub remaining_tokens: u64,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, StateInner> {
+        // A panic elsewhere cannot leave this plain data inconsistent, so ignore poisoning.
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    pub(crate) fn record(&self, deployment: Option<&str>, request: RecordedRequest) {
+        let mut state = self.lock();
+        state.total_calls += 1;
+        if let Some(name) = deployment {
+            let d = state.entry(name);
+            d.calls += 1;
+            d.requests.push(request);
+        }
+    }
+
+    /// Consumes the next one-shot behaviour (or the steady one); `None` if not registered.
+    pub(crate) fn next_behavior(&self, deployment: &str) -> Option<Plan> {
+        let mut state = self.lock();
+        let d = state.deployments.get_mut(deployment)?;
+        let steady = d.steady.clone()?;
+        let behavior = d.queue.pop_front().unwrap_or(steady);
+        Some(Plan {
+            behavior,
+            model: d
+                .model
+                .clone()
+                .unwrap_or_else(|| wire::default_model_version(deployment)),
+            latency: d.latency,
+            remaining_requests: d.remaining_requests,
+            remaining_tokens: d.remaining_tokens,
+        })
+    }
+
+    pub(crate) fn log(&self, deployment: &str, behavior: &str, status: &str) {
+        if self.log_calls {
+            eprintln!(
+                "azure-openai-emulator: deployment={deployment} behavior={behavior} status={status}"
+            );
+        }
+    }
+}

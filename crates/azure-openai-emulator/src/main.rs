@@ -1,0 +1,207 @@
+//! `azure-openai-emulator`: run the emulator for local demos.
+
+use std::io::Write;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use azure_openai_emulator::{Behavior, Emulator};
+
+const USAGE: &str = "usage: azure-openai-emulator [--host 127.0.0.1] [--port 8080] [--api-key KEY]
+                             [--deployment NAME=BEHAVIOR]... [--latency-ms N] [--exit-after SECS]
+  defaults: --deployment gpt-4o=healthy --deployment gpt-35-turbo=healthy, key emulator-key
+  BEHAVIOR: healthy, throttled, throttled:<secs>, throttled-ms:<ms>, throttled-date:<secs>,
+            throttled-reset:<secs>, throttled-reset-tokens:<secs>, throttled-none, 500|server-error,
+            503|unavailable, 503:<secs>, 408|timeout, hang, reset, content-filter, context-length,
+            not-found, 401|unauthorized, output-filtered";
+
+struct Args {
+    host: IpAddr,
+    port: u16,
+    api_key: String,
+    deployments: Vec<(String, Behavior)>,
+    latency: Duration,
+    exit_after: Option<Duration>,
+}
+
+fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Option<Args>, String> {
+    let mut out = Args {
+        host: IpAddr::V4(Ipv4Addr::LOCALHOST),
+        port: 8080,
+        api_key: "emulator-key".to_owned(),
+        deployments: Vec::new(),
+        latency: Duration::ZERO,
+        exit_after: None,
+    };
+    while let Some(flag) = args.next() {
+        if flag == "-h" || flag == "--help" {
+            return Ok(None);
+        }
+        let value = args.next().ok_or_else(|| format!("{flag} needs a value"))?;
+        let number = |v: &str| {
+            v.parse::<u64>()
+                .map_err(|_| format!("{flag}: not a number: {v:?}"))
+        };
+        match flag.as_str() {
+            "--host" if value == "localhost" => out.host = IpAddr::V4(Ipv4Addr::LOCALHOST),
+            "--host" => {
+                out.host = value
+                    .parse()
+                    .map_err(|_| format!("--host: not an IP address: {value:?}"))?
+            }
+            "--port" => {
+                out.port = value
+                    .parse()
+                    .map_err(|_| format!("--port: not a port: {value:?}"))?
+            }
+            "--api-key" => out.api_key = value,
+            "--deployment" => {
+                let (name, behavior) = value.split_once('=').unwrap_or((&value, "healthy"));
+                if name.is_empty() {
+                    return Err(format!("--deployment: empty name in {value:?}"));
+                }
+                out.deployments.push((name.to_owned(), behavior.parse()?));
+            }
+            "--latency-ms" => out.latency = Duration::from_millis(number(&value)?),
+            "--exit-after" => out.exit_after = Some(Duration::from_secs(number(&value)?)),
+            _ => return Err(format!("unknown option {flag:?}")),
+        }
+    }
+    if out.deployments.is_empty() {
+        out.deployments = vec![
+            ("gpt-4o".to_owned(), Behavior::Healthy),
+            ("gpt-35-turbo".to_owned(), Behavior::Healthy),
+        ];
+    }
+    Ok(Some(out))
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let args = match parse_args(std::env::args().skip(1)) {
+        Ok(Some(args)) => args,
+        Ok(None) => {
+            println!("{USAGE}");
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            eprintln!("azure-openai-emulator: {e}\n{USAGE}");
+            return ExitCode::from(2);
+        }
+    };
+
+    let mut builder = Emulator::builder()
+        .api_key(args.api_key)
+        .bind(SocketAddr::new(args.host, args.port))
+        .log_calls(true);
+    for (name, behavior) in &args.deployments {
+        builder = builder.deployment(name.clone(), behavior.clone());
+    }
+    let emulator = match builder.start().await {
+        Ok(emulator) => emulator,
+        Err(e) => {
+            eprintln!(
+                "azure-openai-emulator: cannot listen on {}:{}: {e}",
+                args.host, args.port
+            );
+            return ExitCode::FAILURE;
+        }
+    };
+    for (name, _) in &args.deployments {
+        emulator.set_latency(name, args.latency);
+    }
+
+    let listed: Vec<String> = args
+        .deployments
+        .iter()
+        .map(|(n, b)| format!("{n}={b}"))
+        .collect();
+    println!(
+        "azure-openai-emulator listening on {} (deployments: {})",
+        emulator.url(),
+        listed.join(", ")
+    );
+    // Scripts wait for this line, and stdout is block-buffered when piped.
+    let _ = std::io::stdout().flush();
+
+    let exit_after = async {
+        match args.exit_after {
+            Some(d) => tokio::time::sleep(d).await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = terminate() => {}
+        _ = exit_after => {}
+    }
+    drop(emulator);
+    ExitCode::SUCCESS
+}
+
+#[cfg(unix)]
+async fn terminate() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match signal(SignalKind::terminate()) {
+        Ok(mut sigterm) => {
+            sigterm.recv().await;
+        }
+        Err(_) => std::future::pending().await,
+    }
+}
+
+#[cfg(not(unix))]
+async fn terminate() {
+    std::future::pending().await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Option<Args>, String> {
+        parse_args(args.iter().map(|s| s.to_string()))
+    }
+
+    #[test]
+    fn defaults_and_flags() {
+        let args = parse(&[]).ok().flatten().expect("defaults");
+        assert_eq!((args.port, args.api_key.as_str()), (8080, "emulator-key"));
+        let names: Vec<_> = args.deployments.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(names, ["gpt-4o", "gpt-35-turbo"]);
+
+        let args = parse(&[
+            "--port",
+            "9000",
+            "--deployment",
+            "a=hang",
+            "--latency-ms",
+            "5",
+            "--exit-after",
+            "3",
+        ])
+        .ok()
+        .flatten()
+        .expect("flags");
+        assert_eq!(args.port, 9000);
+        assert_eq!(args.deployments, [("a".to_owned(), Behavior::Hang)]);
+        assert_eq!(
+            (args.latency, args.exit_after),
+            (Duration::from_millis(5), Some(Duration::from_secs(3)))
+        );
+        assert!(matches!(parse(&["--help"]), Ok(None)));
+    }
+
+    #[test]
+    fn errors_are_explained() {
+        for bad in [
+            &["--port"][..],
+            &["--port", "x"],
+            &["--bogus", "1"],
+            &["--deployment", "a=nope"],
+            &["--deployment", "=hang"],
+        ] {
+            assert!(parse(bad).is_err(), "{bad:?}");
+        }
+    }
+}

@@ -1,0 +1,277 @@
+//! The accept loop, per-connection serving (with abrupt reset) and the chat-completions handlers.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::{Body, Bytes};
+use axum::extract::{Extension, Path, State};
+use axum::http::header::{AUTHORIZATION, CONTENT_TYPE};
+use axum::http::{HeaderMap, HeaderValue, Request, Uri};
+use axum::response::Response;
+use axum::routing::post;
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use serde_json::Value;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Notify;
+use tokio::task::JoinSet;
+use tower_service::Service;
+
+use crate::behavior::Behavior;
+use crate::wire::{self, Completion, Reply};
+use crate::{RecordedRequest, Shared};
+
+/// Lets a handler ask its connection task to drop the TCP connection with an RST.
+#[derive(Clone)]
+struct ConnHandle(Arc<Notify>);
+
+pub(crate) fn router(shared: Arc<Shared>) -> Router {
+    Router::new()
+        .route(
+            "/openai/deployments/{deployment}/chat/completions",
+            post(classic).fallback(not_found),
+        )
+        .route("/openai/v1/chat/completions", post(v1).fallback(not_found))
+        .fallback(not_found)
+        .with_state(shared)
+}
+
+/// Accepts connections until the task is aborted; the JoinSet aborts every connection when dropped.
+pub(crate) async fn accept_loop(listener: TcpListener, router: Router) {
+    let mut conns = JoinSet::new();
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => {
+                    conns.spawn(serve_connection(stream, router.clone()));
+                }
+                // e.g. EMFILE: back off instead of spinning
+                Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+            },
+            Some(_) = conns.join_next(), if !conns.is_empty() => {}
+        }
+    }
+}
+
+async fn serve_connection(stream: TcpStream, router: Router) {
+    let _ = stream.set_nodelay(true);
+    // A second handle on the same socket, so SO_LINGER can be set after hyper owns the stream.
+    let Ok(std_stream) = stream.into_std() else {
+        return;
+    };
+    let Ok(guard) = std_stream.try_clone() else {
+        return;
+    };
+    let Ok(stream) = TcpStream::from_std(std_stream) else {
+        return;
+    };
+
+    let kill = Arc::new(Notify::new());
+    let handle = ConnHandle(kill.clone());
+    let service = hyper::service::service_fn(move |mut req: Request<Incoming>| {
+        req.extensions_mut().insert(handle.clone());
+        router.clone().call(req)
+    });
+    let conn =
+        hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service);
+    tokio::select! {
+        _ = conn => {}
+        _ = kill.notified() => {
+            // Linger 0 turns the close into an RST; the connection (hyper's fd) is dropped here, `guard` just after.
+            let _ = socket2::SockRef::from(&guard).set_linger(Some(Duration::ZERO));
+        }
+    }
+}
+
+async fn not_found() -> Response {
+    respond(wire::resource_not_found())
+}
+
+async fn classic(
+    State(shared): State<Arc<Shared>>,
+    path: Result<Path<String>, axum::extract::rejection::PathRejection>,
+    uri: Uri,
+    headers: HeaderMap,
+    Extension(conn): Extension<ConnHandle>,
+    body: Bytes,
+) -> Response {
+    let Ok(Path(deployment)) = path else {
+        return respond(wire::resource_not_found());
+    };
+    handle(&shared, Some(deployment), &uri, &headers, &body, &conn).await
+}
+
+async fn v1(
+    State(shared): State<Arc<Shared>>,
+    uri: Uri,
+    headers: HeaderMap,
+    Extension(conn): Extension<ConnHandle>,
+    body: Bytes,
+) -> Response {
+    handle(&shared, None, &uri, &headers, &body, &conn).await
+}
+
+/// One chat-completions call; `path_deployment` is `None` on the v1 route (name from body `model`).
+async fn handle(
+    shared: &Shared,
+    path_deployment: Option<String>,
+    uri: &Uri,
+    headers: &HeaderMap,
+    raw_body: &[u8],
+    conn: &ConnHandle,
+) -> Response {
+    let classic = path_deployment.is_some();
+    let body: Option<Value> = serde_json::from_slice(raw_body).ok();
+    let deployment = path_deployment.or_else(|| {
+        let model = body.as_ref()?.get("model")?.as_str()?;
+        Some(model.to_owned())
+    });
+    let name = deployment.as_deref().unwrap_or("-");
+
+    // Count and record first, so every call (even a rejected or hung one) is visible to tests.
+    shared.record(
+        deployment.as_deref(),
+        RecordedRequest {
+            path: uri.path().to_owned(),
+            query: uri.query().map(str::to_owned),
+            headers: record_headers(headers),
+            body: body
+                .clone()
+                .unwrap_or_else(|| Value::String(String::from_utf8_lossy(raw_body).into_owned())),
+        },
+    );
+
+    let api_version = uri.query().and_then(api_version);
+    if classic && api_version.is_none() {
+        return finish(
+            shared,
+            name,
+            "missing-api-version",
+            wire::resource_not_found(),
+        );
+    }
+    if !authorized(headers, &shared.api_key) {
+        return finish(shared, name, "bad-key", wire::unauthorized());
+    }
+    let Some(body) = body.filter(Value::is_object) else {
+        let reply = wire::bad_request(
+            "We could not parse the JSON body of your request.",
+            "messages",
+        );
+        return finish(shared, name, "bad-request", reply);
+    };
+    let Some(deployment) = deployment.as_deref() else {
+        let reply = wire::bad_request("you must provide a model parameter", "model");
+        return finish(shared, name, "bad-request", reply);
+    };
+    let Some(plan) = shared.next_behavior(deployment) else {
+        return finish(
+            shared,
+            name,
+            "unknown-deployment",
+            wire::deployment_not_found(),
+        );
+    };
+    let messages = match body.get("messages") {
+        Some(Value::Array(m)) if !m.is_empty() => m,
+        Some(Value::Array(_)) => {
+            let reply = wire::bad_request("[] is too short - 'messages'", "messages");
+            return finish(shared, name, "bad-request", reply);
+        }
+        _ => {
+            let reply = wire::bad_request("'messages' is a required property", "messages");
+            return finish(shared, name, "bad-request", reply);
+        }
+    };
+
+    let label = plan.behavior.to_string();
+    if let Some(reply) = wire::error_reply(&plan.behavior, api_version.as_deref()) {
+        return finish(shared, name, &label, reply);
+    }
+    match plan.behavior {
+        Behavior::Hang => {
+            shared.log(name, &label, "no response");
+            std::future::pending().await
+        }
+        Behavior::ResetConnection => {
+            shared.log(name, &label, "connection reset");
+            conn.0.notify_one();
+            std::future::pending().await
+        }
+        // Healthy or OutputFiltered: a completion
+        _ => {
+            let filtered = plan.behavior == Behavior::OutputFiltered;
+            let completion = Completion::new(deployment, &plan.model, messages, filtered);
+            if !plan.latency.is_zero() {
+                tokio::time::sleep(plan.latency).await;
+            }
+            let reply = completion.reply(plan.remaining_requests, plan.remaining_tokens);
+            finish(shared, name, &label, reply)
+        }
+    }
+}
+
+fn finish(shared: &Shared, deployment: &str, label: &str, reply: Reply) -> Response {
+    shared.log(deployment, label, reply.status.as_str());
+    respond(reply)
+}
+
+/// Adds the headers every Azure response carries and serialises the body.
+fn respond(reply: Reply) -> Response {
+    let mut response = Response::new(Body::from(reply.body));
+    *response.status_mut() = reply.status;
+    let headers = response.headers_mut();
+    headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    for name in ["x-request-id", "apim-request-id"] {
+        if let Ok(v) = HeaderValue::try_from(wire::request_id()) {
+            headers.insert(name, v);
+        }
+    }
+    for (name, value) in reply.headers {
+        if let Ok(v) = HeaderValue::try_from(value) {
+            headers.insert(name, v);
+        }
+    }
+    response
+}
+
+/// A non-empty `api-version` query parameter.
+fn api_version(query: &str) -> Option<String> {
+    query
+        .split('&')
+        .find_map(|kv| kv.strip_prefix("api-version="))
+        .filter(|v| !v.is_empty())
+        .map(str::to_owned)
+}
+
+fn authorized(headers: &HeaderMap, key: &str) -> bool {
+    let api_key = headers
+        .get("api-key")
+        .is_some_and(|v| v.as_bytes() == key.as_bytes());
+    let bearer = headers
+        .get(AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| {
+            v.strip_prefix("Bearer ")
+                .or_else(|| v.strip_prefix("bearer "))
+        })
+        .is_some_and(|token| token.trim() == key);
+    api_key || bearer
+}
+
+/// Header names are already lowercase in `HeaderMap`; repeated headers are joined with ", ".
+fn record_headers(headers: &HeaderMap) -> BTreeMap<String, String> {
+    let mut out = BTreeMap::<String, String>::new();
+    for (name, value) in headers {
+        let value = String::from_utf8_lossy(value.as_bytes());
+        out.entry(name.as_str().to_owned())
+            .and_modify(|v| {
+                v.push_str(", ");
+                v.push_str(&value);
+            })
+            .or_insert_with(|| value.into_owned());
+    }
+    out
+}

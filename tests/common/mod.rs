@@ -1,0 +1,278 @@
+//! Test harness: the real handler, wrapped exactly as `lambda_http::run` wraps it, fed real
+//! Lambda events, talking to a real Azure OpenAI emulator on 127.0.0.1.
+#![allow(dead_code)] // each test binary uses its own part of the harness
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::io::Write;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+#[allow(unused_imports)]
+pub use azure_openai_emulator::{Behavior, Emulator, RetryAfter};
+use fallback_chat::App;
+use fallback_chat::config::Config;
+use fallback_chat::health::ManualClock;
+use lambda_http::request::LambdaRequest;
+use lambda_http::{Adapter, Context, LambdaEvent, Request, Service, service_fn};
+use lambda_runtime::layers::trace::request_span;
+use serde_json::{Value, json};
+use tracing::Instrument;
+
+/// Distinctive, so a leak anywhere in logs or responses is found by a plain search.
+pub const API_KEY: &str = "sk-test-7f3a9c1e-never-log-me";
+
+pub struct Harness {
+    pub emulator: Emulator,
+    pub clock: Arc<ManualClock>,
+    pub app: Arc<App<Arc<ManualClock>>>,
+    pub logs: Logs,
+}
+
+/// One HTTP answer, whatever the event source's response shape.
+#[derive(Debug)]
+pub struct Reply {
+    pub status: u16,
+    pub headers: HashMap<String, String>,
+    pub body: Value,
+    /// The serialised Lambda response, as the runtime would post it.
+    pub raw: String,
+}
+
+impl Reply {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).map(String::as_str)
+    }
+}
+
+impl Harness {
+    /// gpt-4o then gpt-35-turbo, both healthy, with the default settings.
+    pub async fn new() -> Self {
+        Self::with(&[], &[]).await
+    }
+
+    /// `deployments` replaces the default two; `env` adds or overrides variables.
+    pub async fn with(deployments: &[(&str, Behavior)], env: &[(&str, &str)]) -> Self {
+        let deployments: Vec<(&str, Behavior)> = if deployments.is_empty() {
+            vec![
+                ("gpt-4o", Behavior::Healthy),
+                ("gpt-35-turbo", Behavior::Healthy),
+            ]
+        } else {
+            deployments.to_vec()
+        };
+        let mut builder = Emulator::builder().api_key(API_KEY);
+        for (name, behavior) in &deployments {
+            builder = builder.deployment(*name, behavior.clone());
+        }
+        let emulator = builder.start().await.expect("emulator starts");
+        let names: Vec<&str> = deployments.iter().map(|(n, _)| *n).collect();
+        let mut vars: HashMap<String, String> = HashMap::from([
+            ("AZURE_OPENAI_ENDPOINT".into(), emulator.url()),
+            ("AZURE_OPENAI_API_KEY".into(), API_KEY.into()),
+            ("AZURE_OPENAI_DEPLOYMENTS".into(), names.join(",")),
+        ]);
+        for (k, v) in env {
+            vars.insert(k.to_string(), v.to_string());
+        }
+        let config = Config::from_lookup(|k| vars.get(k).cloned()).expect("valid config");
+        let clock = Arc::new(ManualClock::default());
+        let app = Arc::new(App::with_clock(config, Arc::clone(&clock)).expect("app builds"));
+        Self {
+            emulator,
+            clock,
+            app,
+            logs: Logs::default(),
+        }
+    }
+
+    /// Feeds one Lambda event (JSON text) through the handler as the runtime would, with a
+    /// deadline 30 s away.
+    pub async fn invoke(&self, event: &str) -> Reply {
+        self.invoke_with_deadline(event, epoch_ms() + 30_000).await
+    }
+
+    pub async fn invoke_with_deadline(&self, event: &str, deadline_ms: u64) -> Reply {
+        let payload: LambdaRequest = serde_json::from_str(event).expect("a Lambda HTTP event");
+        let mut context = Context::default();
+        context.request_id = format!("req-{:x}", rand_id());
+        context.deadline = deadline_ms;
+        context.invoked_function_arn =
+            "arn:aws:lambda:us-east-1:123456789012:function:fallback-chat".into();
+
+        let app = Arc::clone(&self.app);
+        let handler = service_fn(move |request: Request| {
+            let app = Arc::clone(&app);
+            async move { Ok::<_, Infallible>(app.handle(request).await) }
+        });
+        let _logs = tracing::subscriber::set_default(self.logs.subscriber());
+        // The span the runtime opens around each invocation, carrying the request id.
+        let span = request_span(&context);
+        let mut service = Adapter::from(handler);
+        let response = service
+            .call(LambdaEvent::new(payload, context))
+            .instrument(span)
+            .await
+            .expect("the handler never fails");
+        let raw = serde_json::to_string(&response).expect("response serialises");
+        parse_reply(&raw)
+    }
+
+    /// `GET /?query=...` through an HTTP API (v2) event.
+    pub async fn ask(&self, query: &str) -> Reply {
+        self.invoke(&http_api_get(Some(query))).await
+    }
+
+    /// Changes how the emulator answers this deployment from now on.
+    pub fn set(&self, deployment: &str, behavior: Behavior) {
+        self.emulator.set(deployment, behavior);
+    }
+
+    pub fn calls(&self, deployment: &str) -> usize {
+        self.emulator.calls(deployment)
+    }
+
+    pub fn advance(&self, by: Duration) {
+        self.clock.advance(by);
+    }
+}
+
+/// A minimal but real HTTP API payload v2 event for `GET /` with an optional query.
+pub fn http_api_get(query: Option<&str>) -> String {
+    let mut event = json!({
+        "version": "2.0",
+        "routeKey": "GET /",
+        "rawPath": "/",
+        "rawQueryString": "",
+        "headers": {"accept": "application/json", "host": "a1b2c3d4e5.execute-api.us-east-1.amazonaws.com"},
+        "requestContext": {
+            "accountId": "123456789012", "apiId": "a1b2c3d4e5",
+            "domainName": "a1b2c3d4e5.execute-api.us-east-1.amazonaws.com", "domainPrefix": "a1b2c3d4e5",
+            "http": {"method": "GET", "path": "/", "protocol": "HTTP/1.1", "sourceIp": "203.0.113.10", "userAgent": "test"},
+            "requestId": "test", "routeKey": "GET /", "stage": "$default",
+            "time": "24/Nov/2026:14:31:07 +0000", "timeEpoch": 1795530667123u64
+        },
+        "isBase64Encoded": false
+    });
+    if let Some(q) = query {
+        event["rawQueryString"] = Value::String(format!("query={}", urlencode(q)));
+        event["queryStringParameters"] = json!({ "query": q });
+    }
+    event.to_string()
+}
+
+fn urlencode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// Reads statusCode, headers (single- and multi-value) and the JSON body out of any of the
+/// response shapes (API Gateway v1/v2, ALB).
+pub fn parse_reply(raw: &str) -> Reply {
+    let v: Value = serde_json::from_str(raw).expect("response is JSON");
+    let status = v["statusCode"].as_u64().expect("statusCode") as u16;
+    let mut headers = HashMap::new();
+    if let Some(h) = v["headers"].as_object() {
+        for (k, val) in h {
+            headers.insert(
+                k.to_ascii_lowercase(),
+                val.as_str().unwrap_or("").to_owned(),
+            );
+        }
+    }
+    if let Some(h) = v["multiValueHeaders"].as_object() {
+        for (k, vals) in h {
+            if let Some(first) = vals.get(0).and_then(Value::as_str) {
+                headers.insert(k.to_ascii_lowercase(), first.to_owned());
+            }
+        }
+    }
+    let text = v["body"].as_str().unwrap_or("");
+    assert_ne!(
+        v["isBase64Encoded"],
+        Value::Bool(true),
+        "JSON bodies are sent as text"
+    );
+    let body = if text.is_empty() {
+        Value::Null
+    } else {
+        serde_json::from_str(text).unwrap_or_else(|e| panic!("body is not JSON ({e}): {text}"))
+    };
+    Reply {
+        status,
+        headers,
+        body,
+        raw: raw.to_owned(),
+    }
+}
+
+pub fn epoch_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+}
+
+fn rand_id() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(epoch_ms());
+    h.finish()
+}
+
+/// Everything the handler logs, as JSON lines (the format Lambda uses with
+/// AWS_LAMBDA_LOG_FORMAT=JSON), at every level, including the HTTP client's own.
+#[derive(Clone, Default)]
+pub struct Logs(Arc<Mutex<Vec<u8>>>);
+
+impl Logs {
+    fn subscriber(&self) -> impl tracing::Subscriber + Send + Sync + use<> {
+        tracing_subscriber::fmt()
+            .json()
+            .with_max_level(tracing::Level::TRACE)
+            .with_current_span(true)
+            .with_span_list(true)
+            .with_writer(self.clone())
+            .finish()
+    }
+
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+    }
+
+    pub fn lines(&self) -> Vec<Value> {
+        self.text()
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("every log line is JSON"))
+            .collect()
+    }
+}
+
+impl Write for Logs {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Logs {
+    type Writer = Logs;
+    fn make_writer(&'a self) -> Self::Writer {
+        self.clone()
+    }
+}
+
+/// The path of a file under events/.
+pub fn event(path: &str) -> String {
+    let full = format!("{}/events/{path}", env!("CARGO_MANIFEST_DIR"));
+    std::fs::read_to_string(&full).unwrap_or_else(|e| panic!("{full}: {e}"))
+}
