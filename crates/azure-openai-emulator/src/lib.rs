@@ -20,8 +20,9 @@
 //!
 //! Routes: `POST /openai/deployments/{deployment}/chat/completions?api-version=V` and
 //! `POST /openai/v1/chat/completions` (deployment from the body's `model`). Auth: `api-key: KEY`
-//! or `Authorization: Bearer KEY`. Checks run in this order: api-version (classic route), key,
-//! deployment registered, body has `messages`, then the deployment's behaviour.
+//! or `Authorization: Bearer KEY`. Every call is counted and recorded first; then come, in order,
+//! the api-version check (classic route), the key, the deployment (registered?), the body
+//! (`messages`), and only then the deployment's scripted behaviour.
 
 mod behavior;
 mod server;
@@ -298,6 +299,14 @@ impl Shared {
             d.calls += 1;
             d.requests.push(request);
         }
+    }
+
+    pub(crate) fn is_registered(&self, deployment: &str) -> bool {
+        let state = self.lock();
+        state
+            .deployments
+            .get(deployment)
+            .is_some_and(|d| d.steady.is_some())
     }
 
     /// Consumes the next one-shot behaviour (or the steady one); `None` if not registered.

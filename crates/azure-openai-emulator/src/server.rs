@@ -155,17 +155,38 @@ async fn handle(
     if !authorized(headers, &shared.api_key) {
         return finish(shared, name, "bad-key", wire::unauthorized());
     }
-    let Some(body) = body.filter(Value::is_object) else {
-        let reply = wire::bad_request(
-            "We could not parse the JSON body of your request.",
-            "messages",
-        );
-        return finish(shared, name, "bad-request", reply);
-    };
     let Some(deployment) = deployment.as_deref() else {
-        let reply = wire::bad_request("you must provide a model parameter", "model");
+        let reply = match body {
+            Some(Value::Object(_)) => {
+                wire::bad_request("you must provide a model parameter", "model")
+            }
+            _ => wire::bad_request("We could not parse the JSON body of your request.", "model"),
+        };
         return finish(shared, name, "bad-request", reply);
     };
+    // Azure resolves the deployment before it looks at the body.
+    if !shared.is_registered(deployment) {
+        return finish(
+            shared,
+            name,
+            "unknown-deployment",
+            wire::deployment_not_found(),
+        );
+    }
+    let messages = match body.as_ref().map(|b| b.get("messages")) {
+        None => Err("We could not parse the JSON body of your request."),
+        Some(Some(Value::Array(m))) if !m.is_empty() => Ok(m),
+        Some(Some(Value::Array(_))) => Err("[] is too short - 'messages'"),
+        Some(_) => Err("'messages' is a required property"),
+    };
+    let messages = match messages {
+        Ok(m) => m,
+        Err(message) => {
+            let reply = wire::bad_request(message, "messages");
+            return finish(shared, name, "bad-request", reply);
+        }
+    };
+    // Only calls that got this far consume a one-shot behaviour.
     let Some(plan) = shared.next_behavior(deployment) else {
         return finish(
             shared,
@@ -173,17 +194,6 @@ async fn handle(
             "unknown-deployment",
             wire::deployment_not_found(),
         );
-    };
-    let messages = match body.get("messages") {
-        Some(Value::Array(m)) if !m.is_empty() => m,
-        Some(Value::Array(_)) => {
-            let reply = wire::bad_request("[] is too short - 'messages'", "messages");
-            return finish(shared, name, "bad-request", reply);
-        }
-        _ => {
-            let reply = wire::bad_request("'messages' is a required property", "messages");
-            return finish(shared, name, "bad-request", reply);
-        }
     };
 
     let label = plan.behavior.to_string();

@@ -365,6 +365,19 @@ async fn body_without_messages_is_400_openai_style() {
         assert_eq!(err["error"]["code"], Value::Null);
     }
     assert_eq!(emu.requests("gpt-4o")[0].body, json!("not json"));
+
+    // A rejected body does not consume a one-shot; an unknown deployment is a 404 whatever the body.
+    emu.push("gpt-4o", Behavior::ServerError);
+    let bad = |deployment: &str| {
+        client
+            .post(classic_url(&emu, deployment))
+            .header("api-key", emu.api_key())
+            .body("{}")
+            .send()
+    };
+    assert_eq!(bad("gpt-4o").await.expect("answer").status(), 400);
+    assert_eq!(bad("missing").await.expect("answer").status(), 404);
+    assert_eq!(post(&emu, "gpt-4o").await.status(), 500);
 }
 
 #[tokio::test]

@@ -1,0 +1,77 @@
+#!/usr/bin/env bash
+# End to end: the emulator (gpt-4o throttled) + the function under `cargo lambda watch`, driven by
+# curl and by `cargo lambda invoke --data-file events/...`. Starts and stops everything itself.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source scripts/lib.sh
+
+EMULATOR_PORT=$(free_port)
+PORT=$(free_port)
+LOG=$(mktemp -t fallback-chat-e2e.XXXXXX)
+WATCH_PGID=""
+cleanup() {
+  [[ -n "$WATCH_PGID" ]] && kill -- "-$WATCH_PGID" 2>/dev/null || true
+  [[ -n "${EMULATOR_PID:-}" ]] && kill "$EMULATOR_PID" 2>/dev/null || true
+  rm -f "$ENV_FILE"
+}
+ENV_FILE=$(mktemp)
+trap cleanup EXIT
+
+start_emulator "$EMULATOR_PORT" 900 --deployment gpt-4o=throttled:7 --deployment gpt-35-turbo=healthy \
+  >>"$LOG.emulator" 2>&1
+printf 'AZURE_OPENAI_ENDPOINT=http://127.0.0.1:%s\nAZURE_OPENAI_API_KEY=emulator-key\nAZURE_OPENAI_DEPLOYMENTS=gpt-4o,gpt-35-turbo\n' \
+  "$EMULATOR_PORT" > "$ENV_FILE"
+
+# Own process group, so cleanup stops cargo-lambda and the function it spawned; `timeout` is the
+# backstop should cleanup never run.
+setsid timeout 900 cargo lambda watch --invoke-address 127.0.0.1 --invoke-port "$PORT" \
+  --bin fallback-chat --env-file "$ENV_FILE" --ignore-changes >"$LOG" 2>&1 &
+WATCH_PGID=$!
+BASE="http://127.0.0.1:$PORT"
+if ! wait_for "$BASE/" 300; then cat "$LOG"; exit 1; fi
+
+passed=0 failed=0
+check() { # check NAME EXPECTED ACTUAL
+  if [[ "$2" == "$3" ]]; then
+    passed=$((passed + 1)); echo "ok   $1"
+  else
+    failed=$((failed + 1)); echo "FAIL $1: expected $2, got $3"
+  fi
+}
+json() { python3 -c 'import json,sys; v=json.load(sys.stdin)
+for k in sys.argv[1].split("."): v=v[k] if k else v
+print(v)' "$1"; }
+
+# The function is compiled by the first request; allow for it.
+first=$(curl -s --max-time 300 -D "$LOG.h" "$BASE/?query=How+do+I+reset+my+password")
+check "curl GET /?query= is answered" "gpt-35-turbo" "$(json deployment <<<"$first")"
+check "curl answer comes from the fallback after gpt-4o's 429" "x-fallback-attempts: 2" \
+  "$(grep -i '^x-fallback-attempts' "$LOG.h" | tr -d '\r')"
+second=$(curl -s -D "$LOG.h" "$BASE/?query=again")
+check "curl: cooling gpt-4o is skipped on the next request" "x-fallback-attempts: 1" \
+  "$(grep -i '^x-fallback-attempts' "$LOG.h" | tr -d '\r')"
+check "curl GET / without query" 400 "$(curl -s -o /dev/null -w '%{http_code}' "$BASE/")"
+check "curl POST /" 405 "$(curl -s -o /dev/null -w '%{http_code}' -X POST "$BASE/?query=x")"
+check "curl POST / sends Allow" "allow: GET" \
+  "$(curl -s -D - -o /dev/null -X POST "$BASE/" | grep -i '^allow' | tr -d '\r')"
+check "curl unknown path" 404 "$(curl -s -o /dev/null -w '%{http_code}' "$BASE/admin?query=x")"
+long=$(python3 -c 'print("a" * 4001)')
+check "curl over-long query" 400 "$(curl -s -o /dev/null -w '%{http_code}' "$BASE/?query=$long")"
+
+declare -A expected=([get-query]=200 [get-no-query]=400 [post-root]=405 [unknown-path]=404)
+for source in rest-api http-api function-url alb; do
+  for case in get-query get-no-query post-root unknown-path; do
+    out=$(cargo lambda invoke --invoke-address 127.0.0.1 --invoke-port "$PORT" \
+      --data-file "events/$source/$case.json" fallback-chat 2>&1) || true
+    check "invoke events/$source/$case.json" "${expected[$case]}" "$(json statusCode <<<"$out" 2>/dev/null || echo "$out")"
+  done
+done
+rm -f "$LOG.h"
+
+if ((failed > 0)); then
+  echo "--- cargo lambda watch log ---"; cat "$LOG"
+  echo "--- emulator log ---"; cat "$LOG.emulator"
+fi
+rm -f "$LOG" "$LOG.emulator"
+echo "$passed passed, $failed failed"
+((failed == 0))
