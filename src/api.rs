@@ -9,6 +9,7 @@ use serde::Serialize;
 use serde_json::{Value, json};
 
 use crate::App;
+use crate::azure;
 use crate::error::RequestError;
 use crate::failover::Answer;
 use crate::health::Clock;
@@ -93,7 +94,9 @@ impl<C: Clock> App<C> {
             });
         }
         let budget = self.budget(request.lambda_context_ref(), SystemTime::now());
-        self.complete(query, budget).await
+        let body = azure::chat_body(&self.config.system_prompt, query);
+        self.complete(self.config.pool.default_route(), &body, budget)
+            .await
     }
 
     /// Time this request may spend upstream: the configured budget, cut to the Lambda deadline
@@ -169,6 +172,7 @@ fn error_response(error: &RequestError) -> Response<Body> {
                     "error": message,
                     "retry_after_seconds": seconds,
                     "attempts": exhausted.attempts,
+                    "deployments": exhausted.deployments,
                 }),
             );
             r.headers_mut()

@@ -3,12 +3,12 @@
 
 use std::time::{Duration, SystemTime};
 
-use reqwest::header::HeaderMap;
+use reqwest::header::{AUTHORIZATION, CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue};
 use reqwest::{Client, StatusCode};
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
+use serde_json::{Map, Value, json};
 
-use crate::config::{Config, Secret};
+use crate::pool::{ApiStyle, Pool};
 
 /// A Retry-After longer than this is treated as this: guards against absurd values only.
 const MAX_RETRY_AFTER: Duration = Duration::from_secs(24 * 60 * 60);
@@ -74,83 +74,111 @@ pub struct Completion {
     pub model: String,
     pub usage: Option<Value>,
     pub content_filter_results: Option<Value>,
+    /// Quota left on the deployment after this call, when Azure says.
+    pub remaining_requests: Option<u64>,
+    pub remaining_tokens: Option<u64>,
 }
 
-#[derive(Serialize)]
-struct Message<'a> {
-    role: &'static str,
-    content: &'a str,
-}
-
-#[derive(Serialize)]
-struct ChatRequest<'a> {
-    messages: [Message<'a>; 2],
-}
+/// A chat-completions request body, as JSON fields: built for GET /?query=, passed through
+/// for the OpenAI-compatible API.
+pub type ChatBody = Map<String, Value>;
 
 /// The request body for one question: system prompt first, then the user's question.
-pub fn chat_body(system_prompt: &str, query: &str) -> Vec<u8> {
-    let body = ChatRequest {
-        messages: [
-            Message {
-                role: "system",
-                content: system_prompt,
-            },
-            Message {
-                role: "user",
-                content: query,
-            },
-        ],
-    };
-    // Serialising plain strings into a Vec cannot fail.
-    serde_json::to_vec(&body).unwrap_or_default()
+pub fn chat_body(system_prompt: &str, query: &str) -> ChatBody {
+    let mut body = Map::new();
+    body.insert(
+        "messages".into(),
+        json!([
+            {"role": "system", "content": system_prompt},
+            {"role": "user", "content": query},
+        ]),
+    );
+    body
 }
 
-/// The Azure OpenAI data-plane client for one resource. Built once at cold start.
+/// Where and how to call one deployment, prepared once at cold start.
+struct Target {
+    url: String,
+    /// The deployment's name, sent as `model` to v1 servers (classic URLs carry it in the path).
+    model: Option<String>,
+    auth: Option<(HeaderName, HeaderValue)>,
+}
+
+/// The Azure OpenAI (and OpenAI-compatible) client for every deployment in the pool. Built once
+/// at cold start: one connection pool, rustls, keys turned into sensitive header values.
 pub struct Upstream {
     client: Client,
-    endpoint: String,
-    api_key: Secret,
-    api_version: String,
+    targets: Vec<Target>,
 }
 
 impl Upstream {
-    pub fn new(config: &Config) -> Result<Self, reqwest::Error> {
+    pub fn new(pool: &Pool) -> Result<Self, reqwest::Error> {
         let client = Client::builder()
             .user_agent(concat!("fallback-chat/", env!("CARGO_PKG_VERSION")))
             .connect_timeout(Duration::from_secs(3))
             .pool_idle_timeout(Duration::from_secs(50))
             .tcp_nodelay(true)
             .build()?;
-        Ok(Self {
-            client,
-            endpoint: config.endpoint.clone(),
-            api_key: config.api_key.clone(),
-            api_version: config.api_version.clone(),
-        })
+        let targets = pool
+            .deployments
+            .iter()
+            .map(|d| {
+                let (header, value, model) = match d.api {
+                    ApiStyle::Classic { .. } => (HeaderName::from_static("api-key"), d.key.as_ref().map(|k| k.expose().to_owned()), None),
+                    ApiStyle::V1 => (
+                        AUTHORIZATION,
+                        d.key.as_ref().map(|k| format!("Bearer {}", k.expose())),
+                        Some(d.deployment.clone()),
+                    ),
+                };
+                let auth = value
+                    .and_then(|v| HeaderValue::from_str(&v).ok())
+                    .map(|mut v| {
+                        // Keeps the key out of any debug output of the request.
+                        v.set_sensitive(true);
+                        (header, v)
+                    });
+                Target {
+                    url: d.url(),
+                    model,
+                    auth,
+                }
+            })
+            .collect();
+        Ok(Self { client, targets })
     }
 
-    /// One call, bounded by `timeout` from start to the last body byte.
+    /// One call to deployment `index`, bounded by `timeout` from start to the last body byte.
     pub async fn chat(
         &self,
-        deployment: &str,
-        body: Vec<u8>,
+        index: usize,
+        body: &ChatBody,
         timeout: Duration,
         now: SystemTime,
     ) -> (Option<u16>, Outcome) {
-        let url = format!(
-            "{}/openai/deployments/{deployment}/chat/completions?api-version={}",
-            self.endpoint, self.api_version
-        );
-        let sent = self
+        let Some(target) = self.targets.get(index) else {
+            return (None, Outcome::Transient(Transient::Connect));
+        };
+        let bytes = match &target.model {
+            Some(model) => {
+                let mut body = body.clone();
+                body.insert("model".into(), Value::String(model.clone()));
+                serde_json::to_vec(&body)
+            }
+            None => serde_json::to_vec(body),
+        }
+        // Serialising a JSON map cannot fail.
+        .unwrap_or_default();
+        let mut request = self
             .client
-            .post(url)
-            .header("api-key", self.api_key.expose())
-            .header("content-type", "application/json")
+            .post(&target.url)
+            .header(CONTENT_TYPE, "application/json")
             .timeout(timeout)
-            .body(body)
-            .send()
-            .await;
-        let response = match sent {
+            .body(bytes);
+        if let Some((name, value)) = &target.auth {
+            request = request.header(name, value.clone());
+        }
+        let response = match request.send().await {
             Ok(response) => response,
             Err(e) => return (None, Outcome::Transient(transport_failure(&e))),
         };
@@ -186,7 +214,7 @@ fn transport_failure(e: &reqwest::Error) -> Transient {
 pub fn classify(status: StatusCode, headers: &HeaderMap, body: &[u8], now: SystemTime) -> Outcome {
     if status.is_success() {
         return match serde_json::from_slice::<WireCompletion>(body) {
-            Ok(c) => c.into_completion(),
+            Ok(c) => c.into_completion(headers),
             Err(_) => Outcome::Transient(Transient::BadResponse),
         };
     }
@@ -344,7 +372,13 @@ struct WireMessage {
 }
 
 impl WireCompletion {
-    fn into_completion(self) -> Outcome {
+    fn into_completion(self, headers: &HeaderMap) -> Outcome {
+        let number = |name: &str| {
+            headers
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.trim().parse::<u64>().ok())
+        };
         let Some(choice) = self.choices.into_iter().next() else {
             return Outcome::Transient(Transient::BadResponse);
         };
@@ -354,6 +388,8 @@ impl WireCompletion {
             model: self.model,
             usage: self.usage,
             content_filter_results: choice.content_filter_results,
+            remaining_requests: number("x-ratelimit-remaining-requests"),
+            remaining_tokens: number("x-ratelimit-remaining-tokens"),
         })
     }
 }
@@ -538,7 +574,7 @@ mod tests {
 
     #[test]
     fn the_system_prompt_comes_first() {
-        let body: Value = serde_json::from_slice(&chat_body("sys", "q")).unwrap();
+        let body = Value::Object(chat_body("sys", "q"));
         assert_eq!(body["messages"][0]["role"], "system");
         assert_eq!(body["messages"][1]["role"], "user");
         assert_eq!(body["messages"][1]["content"], "q");

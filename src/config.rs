@@ -4,9 +4,8 @@
 use std::fmt;
 use std::time::Duration;
 
-use reqwest::Url;
-
 use crate::error::ConfigError;
+use crate::pool::{self, Pool};
 
 pub const DEFAULT_DEPLOYMENTS: &str = "gpt-4o,gpt-35-turbo";
 /// Latest GA data-plane version (see the protocol notes); dated previews also work.
@@ -19,6 +18,8 @@ pub const DEFAULT_THROTTLE_COOLDOWN_MS: u64 = 10_000;
 pub const DEFAULT_DEADLINE_MARGIN_MS: u64 = 500;
 /// About 1,000 tokens of English: a chat question, not a document.
 pub const DEFAULT_MAX_QUERY_CHARS: usize = 4_000;
+pub const DEFAULT_CIRCUIT_FAILURES: u32 = 3;
+pub const DEFAULT_CIRCUIT_OPEN_MS: u64 = 30_000;
 
 /// The Azure key: kept out of `Debug`/`Display` so it cannot leak through a log line or error.
 #[derive(Clone)]
@@ -42,12 +43,8 @@ impl fmt::Debug for Secret {
 
 #[derive(Clone, Debug)]
 pub struct Config {
-    /// Resource URL without a trailing slash, e.g. `https://my-resource.openai.azure.com`.
-    pub endpoint: String,
-    pub api_key: Secret,
-    /// Deployment names in fallback order.
-    pub deployments: Vec<String>,
-    pub api_version: String,
+    /// Every deployment and the routes over them.
+    pub pool: Pool,
     pub system_prompt: String,
     pub attempt_timeout: Duration,
     pub request_timeout: Duration,
@@ -55,6 +52,10 @@ pub struct Config {
     /// Kept free before the Lambda deadline so the response can still be sent.
     pub deadline_margin: Duration,
     pub max_query_chars: usize,
+    /// Consecutive failures (5xx, resets, timeouts) that open a deployment's circuit.
+    pub circuit_failures: u32,
+    /// How long an open circuit keeps a deployment out before one probe is let through.
+    pub circuit_open: Duration,
 }
 
 impl Config {
@@ -64,26 +65,10 @@ impl Config {
 
     /// Reads every setting through `lookup`, so tests need not touch the process environment.
     pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
-        let get = |name: &str| {
-            lookup(name)
-                .map(|v| v.trim().to_owned())
-                .filter(|v| !v.is_empty())
-        };
+        let get = |name: &str| lookup(name).map(|v| v.trim().to_owned()).filter(|v| !v.is_empty());
 
-        let endpoint = parse_endpoint(get("AZURE_OPENAI_ENDPOINT"))?;
-        let api_key = get("AZURE_OPENAI_API_KEY")
-            .map(Secret)
-            .ok_or(ConfigError::Missing {
-                var: "AZURE_OPENAI_API_KEY",
-                hint: "set it to one of the two keys under 'Keys and Endpoint' of your Azure OpenAI resource",
-            })?;
-        let deployments = parse_deployments(
-            get("AZURE_OPENAI_DEPLOYMENTS")
-                .as_deref()
-                .unwrap_or(DEFAULT_DEPLOYMENTS),
-        )?;
         let api_version = match get("AZURE_OPENAI_API_VERSION") {
-            Some(v) if is_api_version(&v) => v,
+            Some(v) if pool::is_api_version(&v) => v,
             Some(_) => {
                 return Err(ConfigError::Invalid {
                     var: "AZURE_OPENAI_API_VERSION",
@@ -94,14 +79,56 @@ impl Config {
             }
             None => DEFAULT_API_VERSION.to_owned(),
         };
+        let endpoint = get("AZURE_OPENAI_ENDPOINT")
+            .map(|e| {
+                pool::parse_endpoint(&e).map_err(|reason| ConfigError::Invalid {
+                    var: "AZURE_OPENAI_ENDPOINT",
+                    reason,
+                })
+            })
+            .transpose()?;
+
+        let pool = match pool_source(&get)? {
+            Some((json, var)) => {
+                if get("AZURE_OPENAI_DEPLOYMENTS").is_some() {
+                    return Err(ConfigError::Invalid {
+                        var: "AZURE_OPENAI_DEPLOYMENTS",
+                        reason: format!("set either it or {var}, not both: list the deployments in the pool"),
+                    });
+                }
+                let defaults = pool::Defaults {
+                    endpoint,
+                    api_version: &api_version,
+                };
+                pool::parse(&json, var, &defaults, &get)?
+            }
+            None => {
+                let endpoint = endpoint.ok_or(ConfigError::Missing {
+                    var: "AZURE_OPENAI_ENDPOINT",
+                    hint: "set it to your resource URL, e.g. https://my-resource.openai.azure.com (or describe several in FALLBACK_POOL)",
+                })?;
+                let api_key = get("AZURE_OPENAI_API_KEY").map(Secret).ok_or(ConfigError::Missing {
+                    var: "AZURE_OPENAI_API_KEY",
+                    hint: "set it to one of the two keys under 'Keys and Endpoint' of your Azure OpenAI resource",
+                })?;
+                let names = parse_deployments(
+                    get("AZURE_OPENAI_DEPLOYMENTS")
+                        .as_deref()
+                        .unwrap_or(DEFAULT_DEPLOYMENTS),
+                )?;
+                pool::ordered(endpoint, api_key, names, &api_version)
+            }
+        };
+
         let system_prompt = lookup("SYSTEM_PROMPT")
             .filter(|v| !v.trim().is_empty())
             .unwrap_or_else(|| DEFAULT_SYSTEM_PROMPT.to_owned());
-
         let attempt_timeout = millis(&get, "ATTEMPT_TIMEOUT_MS", DEFAULT_ATTEMPT_TIMEOUT_MS)?;
         let request_timeout = millis(&get, "REQUEST_TIMEOUT_MS", DEFAULT_REQUEST_TIMEOUT_MS)?;
-        let throttle_cooldown = millis(&get, "THROTTLE_COOLDOWN_MS", DEFAULT_THROTTLE_COOLDOWN_MS)?;
+        let throttle_cooldown =
+            millis(&get, "THROTTLE_COOLDOWN_MS", DEFAULT_THROTTLE_COOLDOWN_MS)?;
         let deadline_margin = millis(&get, "DEADLINE_MARGIN_MS", DEFAULT_DEADLINE_MARGIN_MS)?;
+        let circuit_open = millis(&get, "CIRCUIT_OPEN_MS", DEFAULT_CIRCUIT_OPEN_MS)?;
         if attempt_timeout > request_timeout {
             return Err(ConfigError::Invalid {
                 var: "ATTEMPT_TIMEOUT_MS",
@@ -112,67 +139,48 @@ impl Config {
                 ),
             });
         }
-        let max_query_chars =
-            match get("MAX_QUERY_CHARS") {
-                None => DEFAULT_MAX_QUERY_CHARS,
-                Some(v) => v.parse::<usize>().ok().filter(|n| *n > 0).ok_or_else(|| {
-                    ConfigError::Invalid {
-                        var: "MAX_QUERY_CHARS",
-                        reason: format!("expected a positive whole number, got {v:?}"),
-                    }
-                })?,
-            };
+        let max_query_chars = count(&get, "MAX_QUERY_CHARS", DEFAULT_MAX_QUERY_CHARS)?;
+        let circuit_failures = count(&get, "CIRCUIT_FAILURES", DEFAULT_CIRCUIT_FAILURES as usize)?;
 
         Ok(Self {
-            endpoint,
-            api_key,
-            deployments,
-            api_version,
+            pool,
             system_prompt,
             attempt_timeout,
             request_timeout,
             throttle_cooldown,
             deadline_margin,
             max_query_chars,
+            circuit_failures: u32::try_from(circuit_failures).unwrap_or(u32::MAX),
+            circuit_open,
         })
     }
 }
 
-fn parse_endpoint(value: Option<String>) -> Result<String, ConfigError> {
-    let value = value.ok_or(ConfigError::Missing {
-        var: "AZURE_OPENAI_ENDPOINT",
-        hint: "set it to your resource URL, e.g. https://my-resource.openai.azure.com",
-    })?;
-    let invalid = |reason: String| ConfigError::Invalid {
-        var: "AZURE_OPENAI_ENDPOINT",
-        reason,
-    };
-    let url = Url::parse(&value).map_err(|e| {
-        invalid(format!(
-            "{e}; expected e.g. https://my-resource.openai.azure.com"
-        ))
-    })?;
-    if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
-        return Err(invalid(
-            "expected an http(s) URL such as https://my-resource.openai.azure.com".into(),
-        ));
+/// The pool JSON and the variable it came from, if one is configured.
+fn pool_source(
+    get: &impl Fn(&str) -> Option<String>,
+) -> Result<Option<(String, &'static str)>, ConfigError> {
+    match (get("FALLBACK_POOL"), get("FALLBACK_POOL_FILE")) {
+        (Some(_), Some(_)) => Err(ConfigError::Invalid {
+            var: "FALLBACK_POOL_FILE",
+            reason: "set either FALLBACK_POOL or FALLBACK_POOL_FILE, not both".into(),
+        }),
+        (Some(json), None) => Ok(Some((json, "FALLBACK_POOL"))),
+        (None, Some(path)) => {
+            // A relative path is inside the deployment package, which Lambda unpacks at LAMBDA_TASK_ROOT.
+            let full = match get("LAMBDA_TASK_ROOT") {
+                Some(root) if std::path::Path::new(&path).is_relative() => format!("{root}/{path}"),
+                _ => path,
+            };
+            std::fs::read_to_string(&full)
+                .map(|json| Some((json, "FALLBACK_POOL_FILE")))
+                .map_err(|e| ConfigError::Invalid {
+                    var: "FALLBACK_POOL_FILE",
+                    reason: format!("cannot read {full}: {e}"),
+                })
+        }
+        (None, None) => Ok(None),
     }
-    if url.query().is_some() || url.fragment().is_some() {
-        return Err(invalid(
-            "must not carry a query or fragment; give the resource URL only".into(),
-        ));
-    }
-    if !url.username().is_empty() || url.password().is_some() {
-        return Err(invalid(
-            "must not embed credentials; put the key in AZURE_OPENAI_API_KEY".into(),
-        ));
-    }
-    let mut base = url.as_str().trim_end_matches('/').to_owned();
-    // A pasted ".../openai" suffix would double the path segment.
-    if let Some(stripped) = base.strip_suffix("/openai") {
-        base = stripped.to_owned();
-    }
-    Ok(base)
 }
 
 fn parse_deployments(list: &str) -> Result<Vec<String>, ConfigError> {
@@ -187,36 +195,13 @@ fn parse_deployments(list: &str) -> Result<Vec<String>, ConfigError> {
                 "empty name in {list:?}; expected a comma-separated list such as {DEFAULT_DEPLOYMENTS}"
             )));
         }
-        // Azure deployment names: letters, digits, '-', '_' and '.', up to 64 characters.
-        if name.len() > 64
-            || !name
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
-        {
-            return Err(invalid(format!(
-                "{name:?} is not a deployment name (letters, digits, '-', '_', '.', at most 64)"
-            )));
-        }
+        pool::check_deployment_name(name).map_err(invalid)?;
         if names.iter().any(|n| n == name) {
             return Err(invalid(format!("{name:?} is listed twice")));
         }
         names.push(name.to_owned());
     }
     Ok(names)
-}
-
-fn is_api_version(v: &str) -> bool {
-    let (date, suffix) = v.split_at(v.len().min(10));
-    let b = date.as_bytes();
-    b.len() == 10
-        && b.iter().enumerate().all(|(i, c)| {
-            if i == 4 || i == 7 {
-                *c == b'-'
-            } else {
-                c.is_ascii_digit()
-            }
-        })
-        && (suffix.is_empty() || suffix == "-preview")
 }
 
 fn millis(
@@ -236,6 +221,24 @@ fn millis(
                 reason: format!(
                     "expected milliseconds between 1 and 900000 (Lambda's 15-minute limit), got {v:?}"
                 ),
+            }),
+    }
+}
+
+fn count(
+    get: &impl Fn(&str) -> Option<String>,
+    var: &'static str,
+    default: usize,
+) -> Result<usize, ConfigError> {
+    match get(var) {
+        None => Ok(default),
+        Some(v) => v
+            .parse::<usize>()
+            .ok()
+            .filter(|n| *n > 0)
+            .ok_or_else(|| ConfigError::Invalid {
+                var,
+                reason: format!("expected a positive whole number, got {v:?}"),
             }),
     }
 }
@@ -261,9 +264,11 @@ mod tests {
     #[test]
     fn defaults_match_the_original_app_with_its_mistakes_fixed() {
         let c = config(&BASE).unwrap();
-        assert_eq!(c.endpoint, "https://res.openai.azure.com");
-        assert_eq!(c.deployments, ["gpt-4o", "gpt-35-turbo"]);
-        assert_eq!(c.api_version, "2024-10-21");
+        let d = &c.pool.deployments;
+        assert_eq!(d[0].endpoint, "https://res.openai.azure.com");
+        let ids: Vec<&str> = d.iter().map(|d| d.id.as_str()).collect();
+        assert_eq!(ids, ["gpt-4o", "gpt-35-turbo"]);
+        assert!(d[0].url().ends_with("?api-version=2024-10-21"));
         assert_eq!(c.system_prompt, "You are a helpful assistant.");
         assert_eq!(c.max_query_chars, 4000);
         assert!(c.attempt_timeout <= c.request_timeout);
@@ -289,6 +294,9 @@ mod tests {
             ("THROTTLE_COOLDOWN_MS", "-5"),
             ("MAX_QUERY_CHARS", "0"),
             ("ATTEMPT_TIMEOUT_MS", "60000"),
+            ("CIRCUIT_FAILURES", "0"),
+            ("FALLBACK_POOL", "[]"),
+            ("FALLBACK_POOL_FILE", "/no/such/pool.json"),
         ] {
             let mut vars = BASE.to_vec();
             vars.push((var, value));
@@ -318,10 +326,34 @@ mod tests {
     #[test]
     fn api_versions_accept_ga_and_preview_dates() {
         for ok in ["2024-10-21", "2025-04-01-preview"] {
-            assert!(is_api_version(ok), "{ok}");
+            assert!(pool::is_api_version(ok), "{ok}");
         }
         for bad in ["2024-10", "v1", "2024-10-21-beta", "20241021xx"] {
-            assert!(!is_api_version(bad), "{bad}");
+            assert!(!pool::is_api_version(bad), "{bad}");
         }
+    }
+
+    #[test]
+    fn a_pool_replaces_the_deployment_list_and_may_come_from_a_file() {
+        let json = r#"{"deployments":[{"deployment":"gpt-4o"},{"id":"west","deployment":"gpt-4o","endpoint":"https://west.openai.azure.com"}]}"#;
+        let mut vars = BASE.to_vec();
+        vars.push(("FALLBACK_POOL", json));
+        let c = config(&vars).unwrap();
+        assert_eq!(c.pool.deployments.len(), 2);
+        assert_eq!(c.pool.deployments[0].endpoint, "https://res.openai.azure.com");
+
+        vars.push(("AZURE_OPENAI_DEPLOYMENTS", "gpt-4o"));
+        let err = config(&vars).unwrap_err().to_string();
+        assert!(err.contains("not both"), "{err}");
+
+        let dir = std::env::temp_dir().join(format!("fallback-pool-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("pool.json"), json).unwrap();
+        let root = dir.to_string_lossy().into_owned();
+        let mut vars = BASE.to_vec();
+        vars.push(("FALLBACK_POOL_FILE", "pool.json"));
+        vars.push(("LAMBDA_TASK_ROOT", &root));
+        assert_eq!(config(&vars).unwrap().pool.deployments[1].id, "west");
+        std::fs::remove_dir_all(dir).unwrap();
     }
 }

@@ -1,5 +1,6 @@
-//! The policy, top to bottom: take the deployments in order, skip those cooling down, try the
-//! rest within the deadline, classify each outcome, and decide whether to go on.
+//! The policy, top to bottom: choose the next deployment (health decides which are usable,
+//! priority and weight decide among them), call it within what is left of the deadline,
+//! classify the outcome, record it, and decide whether to go on.
 
 use std::time::Duration;
 
@@ -7,16 +8,17 @@ use serde::Serialize;
 use tokio::time::Instant;
 
 use crate::App;
-use crate::azure::{self, Completion, ContentFilter, Outcome, Transient};
+use crate::azure::{ChatBody, Completion, ContentFilter, Outcome, Transient};
 use crate::error::RequestError;
-use crate::health::Clock;
+use crate::health::{Clock, Event, State};
+use crate::pool::Route;
 
-/// An attempt needs at least this long to be worth starting (one loopback or in-region round trip).
-const MIN_ATTEMPT: Duration = Duration::from_millis(100);
-/// When a deployment failed without saying when it recovers, a caller may try again this soon.
+/// An attempt needs at least this long to be worth starting (one in-region round trip).
+pub const MIN_ATTEMPT: Duration = Duration::from_millis(100);
+/// A deployment that failed without saying when it recovers may be worth asking this soon.
 const TRANSIENT_RECOVERY: Duration = Duration::from_secs(1);
 
-/// One deployment's part in a request: tried, or skipped and why.
+/// One deployment's part in a request: called (perhaps twice), or not and why.
 #[derive(Debug, Clone, Serialize)]
 pub struct Attempt {
     pub deployment: String,
@@ -26,32 +28,54 @@ pub struct Attempt {
     pub ms: u64,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub retry_after_ms: Option<u64>,
+    /// Whether a single 500 or reset was retried once on the same deployment.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub retried: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
 }
 
 impl Attempt {
-    fn skipped(deployment: &str, outcome: &'static str, retry_after: Option<Duration>) -> Self {
+    fn not_called(deployment: &str, outcome: &'static str, wait: Option<Duration>) -> Self {
         Self {
             deployment: deployment.to_owned(),
             outcome,
             status: None,
             ms: 0,
-            retry_after_ms: retry_after.map(millis),
+            retry_after_ms: wait.map(millis),
+            retried: false,
             message: None,
         }
     }
 
-    /// Whether this attempt called the deployment (as opposed to skipping it).
+    /// Whether this attempt called the deployment.
     pub fn called(&self) -> bool {
-        !matches!(self.outcome, "cooling_down" | "deadline_exceeded")
+        !matches!(
+            self.outcome,
+            "cooling_down"
+                | "circuit_open"
+                | "probe_in_flight"
+                | "deadline_exceeded"
+                | "context_window_too_small"
+        )
     }
 }
 
-/// No deployment could answer: every attempt, and when the soonest one recovers.
+/// A route member's state when nothing could answer.
+#[derive(Debug, Clone, Serialize)]
+pub struct DeploymentState {
+    pub deployment: String,
+    pub state: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub recovers_in_ms: Option<u64>,
+}
+
+/// No deployment could answer: every attempt, each deployment's state, and when the soonest
+/// one recovers.
 #[derive(Debug)]
 pub struct Exhausted {
     pub attempts: Vec<Attempt>,
+    pub deployments: Vec<DeploymentState>,
     pub retry_after: Duration,
 }
 
@@ -64,127 +88,207 @@ pub struct Answer {
 }
 
 impl Answer {
+    /// How many deployments were called to get this answer.
     pub fn calls(&self) -> usize {
         self.attempts.iter().filter(|a| a.called()).count()
     }
 }
 
+/// What the request has learned so far about which deployments are worth trying.
+struct Tried {
+    called: Vec<bool>,
+    /// After a context_length_exceeded, only a larger window than this can help.
+    needs_window_over: Option<u32>,
+}
+
 impl<C: Clock> App<C> {
-    /// Asks the configured deployments in order until one answers, within `budget`.
-    pub async fn complete(&self, query: &str, budget: Duration) -> Result<Answer, RequestError> {
+    /// Asks the route's deployments until one answers, within `budget`.
+    pub async fn complete(
+        &self,
+        route: &Route,
+        body: &ChatBody,
+        budget: Duration,
+    ) -> Result<Answer, RequestError> {
         let deadline = Instant::now() + budget;
-        let body = azure::chat_body(&self.config.system_prompt, query);
-        let mut attempts = Vec::with_capacity(self.config.deployments.len());
-        let mut soonest: Option<Duration> = None;
-        let mut note_recovery = |after: Duration| {
-            soonest = Some(soonest.map_or(after, |s| s.min(after)));
+        let pool = &self.config.pool.deployments;
+        let mut tried = Tried {
+            called: vec![false; pool.len()],
+            needs_window_over: None,
         };
+        let too_small = |t: &Tried, i: usize| {
+            matches!((t.needs_window_over, pool[i].context_window), (Some(need), Some(w)) if w <= need)
+        };
+        let mut attempts = Vec::new();
+        let mut out_of_time = false;
 
-        for (index, deployment) in self.config.deployments.iter().enumerate() {
-            let now = self.clock.now();
-            if let Some(until) = self.health.cooling_until(index, now) {
-                let wait = until - now;
-                note_recovery(wait);
-                let attempt = Attempt::skipped(deployment, "cooling_down", Some(wait));
-                log_attempt(&attempt);
-                attempts.push(attempt);
-                continue;
+        loop {
+            if deadline.saturating_duration_since(Instant::now()) < MIN_ATTEMPT {
+                out_of_time = true;
+                break;
             }
-            let remaining = deadline.saturating_duration_since(Instant::now());
-            if remaining < MIN_ATTEMPT {
-                note_recovery(TRANSIENT_RECOVERY);
-                let attempt = Attempt::skipped(deployment, "deadline_exceeded", None);
-                log_attempt(&attempt);
-                attempts.push(attempt);
-                continue;
-            }
-
-            let started = Instant::now();
-            let timeout = self.config.attempt_timeout.min(remaining);
-            let (status, outcome) = self
-                .upstream
-                .chat(deployment, body.clone(), timeout, self.clock.wall())
-                .await;
-            let mut attempt = Attempt {
-                deployment: deployment.clone(),
-                outcome: "ok",
-                status,
-                ms: millis(started.elapsed()),
-                retry_after_ms: None,
-                message: None,
+            let skip = |i: usize| tried.called[i] || too_small(&tried, i);
+            let Some(index) = self
+                .health
+                .select(&route.members, pool, skip, self.clock.now())
+            else {
+                break;
             };
-
+            tried.called[index] = true;
+            let (mut attempt, outcome) = self.call(index, body, deadline).await;
             match outcome {
                 Outcome::Answered(completion) => {
                     if let Some(filter) = completion.output_filter() {
-                        attempt.outcome = "content_filter";
-                        log_attempt(&attempt);
-                        return Err(filtered(deployment, filter));
+                        return Err(filtered(&attempt.deployment, filter));
                     }
-                    log_attempt(&attempt);
                     attempts.push(attempt);
                     return Ok(Answer {
-                        deployment: deployment.clone(),
+                        deployment: pool[index].id.clone(),
                         completion,
                         attempts,
                     });
                 }
                 Outcome::ContentFiltered(filter) => {
-                    attempt.outcome = "content_filter";
-                    log_attempt(&attempt);
-                    return Err(filtered(deployment, filter));
+                    return Err(filtered(&attempt.deployment, filter));
                 }
+                Outcome::ContextLengthExceeded { message } => {
+                    // Never the same one again; only a larger configured window can help.
+                    if let Some(window) = pool[index].context_window {
+                        tried.needs_window_over =
+                            Some(tried.needs_window_over.map_or(window, |w| w.max(window)));
+                    }
+                    attempt.message = Some(message);
+                }
+                _ => {}
+            }
+            attempts.push(attempt);
+        }
+
+        // Say why every deployment that was not called was left out.
+        let now = self.clock.now();
+        let mut deployments = Vec::with_capacity(route.members.len());
+        let mut soonest = None::<Duration>;
+        for &i in &route.members {
+            let state = self.health.state(i, now);
+            let wait = state.until().map(|until| until.saturating_duration_since(now));
+            let recovery = wait.unwrap_or(TRANSIENT_RECOVERY);
+            soonest = Some(soonest.map_or(recovery, |s| s.min(recovery)));
+            deployments.push(DeploymentState {
+                deployment: pool[i].id.clone(),
+                state: state.name(),
+                recovers_in_ms: wait.map(millis),
+            });
+            if tried.called[i] {
+                continue;
+            }
+            let outcome = match state {
+                State::Throttled { .. } => "cooling_down",
+                State::CircuitOpen { .. } => "circuit_open",
+                State::ProbeInFlight => "probe_in_flight",
+                _ if too_small(&tried, i) => "context_window_too_small",
+                _ if out_of_time => "deadline_exceeded",
+                _ => continue,
+            };
+            let attempt = Attempt::not_called(&pool[i].id, outcome, wait);
+            log_attempt(&attempt);
+            attempts.push(attempt);
+        }
+        Err(RequestError::Unavailable(Exhausted {
+            attempts,
+            deployments,
+            retry_after: soonest.unwrap_or(self.config.throttle_cooldown),
+        }))
+    }
+
+    /// Calls one deployment, once more after a single 500 or reset when time allows, and
+    /// records each outcome in the health table.
+    async fn call(&self, index: usize, body: &ChatBody, deadline: Instant) -> (Attempt, Outcome) {
+        let id = &self.config.pool.deployments[index].id;
+        let started = Instant::now();
+        let mut retried = false;
+        loop {
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            let timeout = self.config.attempt_timeout.min(remaining);
+            let call_started = Instant::now();
+            let (status, outcome) = self
+                .upstream
+                .chat(index, body, timeout, self.clock.wall())
+                .await;
+            let now = self.clock.now();
+            let mut attempt = Attempt {
+                deployment: id.clone(),
+                outcome: "ok",
+                status,
+                ms: millis(started.elapsed()),
+                retry_after_ms: None,
+                retried,
+                message: None,
+            };
+            let event = match &outcome {
+                Outcome::Answered(c) => Event::Success {
+                    latency: call_started.elapsed(),
+                    remaining_requests: c.remaining_requests,
+                    remaining_tokens: c.remaining_tokens,
+                },
                 Outcome::Throttled { retry_after } => {
                     let cooldown = retry_after.unwrap_or(self.config.throttle_cooldown);
-                    let now = self.clock.now();
-                    self.health.throttle(index, now + cooldown);
-                    // The table may hold a longer cooldown than this 429 asked for.
-                    let wait = self
-                        .health
-                        .cooling_until(index, now)
-                        .map_or(Duration::ZERO, |until| until - now);
-                    note_recovery(wait);
-                    attempt.outcome = "throttled";
-                    attempt.retry_after_ms = Some(millis(wait));
-                }
-                Outcome::Transient(kind) => {
-                    note_recovery(TRANSIENT_RECOVERY);
-                    attempt.outcome = match kind {
-                        Transient::Status(_) => "server_error",
-                        Transient::Timeout => "timeout",
-                        Transient::Connect => "connection_error",
-                        Transient::Reset => "connection_reset",
-                        Transient::BadResponse => "bad_response",
-                    };
-                    if kind == Transient::Status(408) {
-                        attempt.outcome = "timeout";
+                    Event::Throttled {
+                        until: now + cooldown,
                     }
                 }
+                Outcome::Transient(_) | Outcome::Misconfigured { .. } => Event::Failure,
+                Outcome::ContentFiltered(_)
+                | Outcome::ContextLengthExceeded { .. }
+                | Outcome::Rejected { .. } => Event::Answered,
+            };
+            self.health.record(index, event, now);
+
+            attempt.outcome = match &outcome {
+                Outcome::Answered(c) if c.output_filter().is_some() => "content_filter",
+                Outcome::Answered(_) => "ok",
+                Outcome::Throttled { .. } => {
+                    // The table may hold a longer cooldown than this 429 asked for.
+                    let until = self.health.state(index, now).until();
+                    attempt.retry_after_ms = Some(until.map_or(0, |u| millis(u - now)));
+                    "throttled"
+                }
+                Outcome::Transient(Transient::Status(408) | Transient::Timeout) => "timeout",
+                Outcome::Transient(Transient::Status(_)) => "server_error",
+                Outcome::Transient(Transient::Connect) => "connection_error",
+                Outcome::Transient(Transient::Reset) => "connection_reset",
+                Outcome::Transient(Transient::BadResponse) => "bad_response",
                 Outcome::Misconfigured {
                     status,
                     code,
                     message,
                 } => {
-                    attempt.outcome = "misconfigured";
-                    attempt.message = Some(misconfiguration_hint(status, &code, &message));
+                    attempt.message = Some(misconfiguration_hint(*status, code, message));
+                    "misconfigured"
                 }
-                Outcome::ContextLengthExceeded { message } => {
-                    attempt.outcome = "context_length_exceeded";
-                    attempt.message = Some(message);
-                }
+                Outcome::ContentFiltered(_) => "content_filter",
+                Outcome::ContextLengthExceeded { .. } => "context_length_exceeded",
                 Outcome::Rejected { message, .. } => {
-                    attempt.outcome = "rejected";
-                    attempt.message = Some(message);
+                    attempt.message = Some(message.clone());
+                    "rejected"
                 }
-            }
+            };
             log_attempt(&attempt);
-            attempts.push(attempt);
-        }
 
-        Err(RequestError::Unavailable(Exhausted {
-            attempts,
-            retry_after: soonest.unwrap_or(self.config.throttle_cooldown),
-        }))
+            // One quick retry for a single 500 or reset, never for a 4xx, and only while the
+            // circuit still lets the deployment in and the deadline leaves room.
+            let retryable = matches!(
+                outcome,
+                Outcome::Transient(Transient::Status(500) | Transient::Reset)
+            );
+            if retryable
+                && !retried
+                && self.health.state(index, now).usable()
+                && deadline.saturating_duration_since(Instant::now()) >= MIN_ATTEMPT
+            {
+                retried = true;
+                continue;
+            }
+            return (attempt, outcome);
+        }
     }
 }
 
@@ -198,12 +302,10 @@ fn filtered(deployment: &str, filter: ContentFilter) -> RequestError {
 fn misconfiguration_hint(status: u16, code: &str, message: &str) -> String {
     let fix = match (status, code) {
         (404, "DeploymentNotFound") => {
-            "no such deployment on this resource: check AZURE_OPENAI_DEPLOYMENTS"
+            "no such deployment on this resource: check AZURE_OPENAI_DEPLOYMENTS (or the entry in FALLBACK_POOL)"
         }
-        (404, _) => "not found: check AZURE_OPENAI_ENDPOINT and AZURE_OPENAI_API_VERSION",
-        _ => {
-            "access denied: check AZURE_OPENAI_API_KEY belongs to AZURE_OPENAI_ENDPOINT's resource"
-        }
+        (404, _) => "not found: check AZURE_OPENAI_ENDPOINT and AZURE_OPENAI_API_VERSION (or the entry in FALLBACK_POOL)",
+        _ => "access denied: check AZURE_OPENAI_API_KEY (or the entry's key_env) belongs to the endpoint's resource",
     };
     if message.is_empty() {
         fix.to_owned()
@@ -218,8 +320,14 @@ fn millis(d: Duration) -> u64 {
 
 /// One structured line per attempt; the Lambda request id comes from the runtime's span.
 fn log_attempt(a: &Attempt) {
-    let (deployment, outcome, status, latency_ms, retry_after_ms) =
-        (&a.deployment, a.outcome, a.status, a.ms, a.retry_after_ms);
+    let (deployment, outcome, status, latency_ms, retry_after_ms, retried) = (
+        &a.deployment,
+        a.outcome,
+        a.status,
+        a.ms,
+        a.retry_after_ms,
+        a.retried,
+    );
     match a.outcome {
         "ok" => tracing::info!(
             deployment,
@@ -227,6 +335,7 @@ fn log_attempt(a: &Attempt) {
             status,
             latency_ms,
             retry_after_ms,
+            retried,
             "upstream attempt"
         ),
         "misconfigured" => tracing::error!(
@@ -235,6 +344,7 @@ fn log_attempt(a: &Attempt) {
             status,
             latency_ms,
             retry_after_ms,
+            retried,
             detail = a.message.as_deref(),
             "upstream attempt: configuration error"
         ),
@@ -244,6 +354,7 @@ fn log_attempt(a: &Attempt) {
             status,
             latency_ms,
             retry_after_ms,
+            retried,
             "upstream attempt"
         ),
     }

@@ -7,11 +7,12 @@ pub mod config;
 pub mod error;
 pub mod failover;
 pub mod health;
+pub mod pool;
 
 use crate::azure::Upstream;
 use crate::config::Config;
 use crate::error::ConfigError;
-use crate::health::{Clock, HealthTable, SystemClock};
+use crate::health::{Breaker, Clock, HealthTable, SystemClock};
 
 /// Everything built once per execution environment and shared by every invocation.
 pub struct App<C: Clock = SystemClock> {
@@ -30,9 +31,21 @@ impl App<SystemClock> {
 impl<C: Clock> App<C> {
     /// Builds the HTTP client (connection pool, rustls) and the health table.
     pub fn with_clock(config: Config, clock: C) -> Result<Self, ConfigError> {
+        // Each execution environment draws its own seed, so a fleet spreads its choices.
+        Self::with_seed(config, clock, fastrand::u64(..))
+    }
+
+    /// As [`App::with_clock`], with the seed of the weighted random choice fixed.
+    pub fn with_seed(config: Config, clock: C, seed: u64) -> Result<Self, ConfigError> {
+        let breaker = Breaker {
+            failures: config.circuit_failures,
+            open_for: config.circuit_open,
+            // A probe cannot take longer than one attempt.
+            probe_lease: config.attempt_timeout,
+        };
         Ok(Self {
-            upstream: Upstream::new(&config)?,
-            health: HealthTable::new(config.deployments.len()),
+            upstream: Upstream::new(&config.pool)?,
+            health: HealthTable::new(config.pool.deployments.len(), breaker, seed),
             config,
             clock,
         })

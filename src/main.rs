@@ -19,11 +19,15 @@ async fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let config = app.config();
+    let pool = &app.config().pool;
+    let deployments: Vec<String> = pool
+        .deployments
+        .iter()
+        .map(|d| format!("{} ({}, priority {})", d.id, d.endpoint, d.priority))
+        .collect();
     tracing::info!(
-        endpoint = config.endpoint,
-        deployments = ?config.deployments,
-        api_version = config.api_version,
+        ?deployments,
+        default_route = pool.default_route().name,
         "fallback-chat ready"
     );
 
