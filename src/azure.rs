@@ -124,7 +124,11 @@ impl Upstream {
             .iter()
             .map(|d| {
                 let (header, value, model) = match d.api {
-                    ApiStyle::Classic { .. } => (HeaderName::from_static("api-key"), d.key.as_ref().map(|k| k.expose().to_owned()), None),
+                    ApiStyle::Classic { .. } => (
+                        HeaderName::from_static("api-key"),
+                        d.key.as_ref().map(|k| k.expose().to_owned()),
+                        None,
+                    ),
                     ApiStyle::V1 => (
                         AUTHORIZATION,
                         d.key.as_ref().map(|k| format!("Bearer {}", k.expose())),

@@ -65,7 +65,11 @@ impl Config {
 
     /// Reads every setting through `lookup`, so tests need not touch the process environment.
     pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
-        let get = |name: &str| lookup(name).map(|v| v.trim().to_owned()).filter(|v| !v.is_empty());
+        let get = |name: &str| {
+            lookup(name)
+                .map(|v| v.trim().to_owned())
+                .filter(|v| !v.is_empty())
+        };
 
         let api_version = match get("AZURE_OPENAI_API_VERSION") {
             Some(v) if pool::is_api_version(&v) => v,
@@ -93,7 +97,9 @@ impl Config {
                 if get("AZURE_OPENAI_DEPLOYMENTS").is_some() {
                     return Err(ConfigError::Invalid {
                         var: "AZURE_OPENAI_DEPLOYMENTS",
-                        reason: format!("set either it or {var}, not both: list the deployments in the pool"),
+                        reason: format!(
+                            "set either it or {var}, not both: list the deployments in the pool"
+                        ),
                     });
                 }
                 let defaults = pool::Defaults {
@@ -125,8 +131,7 @@ impl Config {
             .unwrap_or_else(|| DEFAULT_SYSTEM_PROMPT.to_owned());
         let attempt_timeout = millis(&get, "ATTEMPT_TIMEOUT_MS", DEFAULT_ATTEMPT_TIMEOUT_MS)?;
         let request_timeout = millis(&get, "REQUEST_TIMEOUT_MS", DEFAULT_REQUEST_TIMEOUT_MS)?;
-        let throttle_cooldown =
-            millis(&get, "THROTTLE_COOLDOWN_MS", DEFAULT_THROTTLE_COOLDOWN_MS)?;
+        let throttle_cooldown = millis(&get, "THROTTLE_COOLDOWN_MS", DEFAULT_THROTTLE_COOLDOWN_MS)?;
         let deadline_margin = millis(&get, "DEADLINE_MARGIN_MS", DEFAULT_DEADLINE_MARGIN_MS)?;
         let circuit_open = millis(&get, "CIRCUIT_OPEN_MS", DEFAULT_CIRCUIT_OPEN_MS)?;
         if attempt_timeout > request_timeout {
@@ -340,7 +345,10 @@ mod tests {
         vars.push(("FALLBACK_POOL", json));
         let c = config(&vars).unwrap();
         assert_eq!(c.pool.deployments.len(), 2);
-        assert_eq!(c.pool.deployments[0].endpoint, "https://res.openai.azure.com");
+        assert_eq!(
+            c.pool.deployments[0].endpoint,
+            "https://res.openai.azure.com"
+        );
 
         vars.push(("AZURE_OPENAI_DEPLOYMENTS", "gpt-4o"));
         let err = config(&vars).unwrap_err().to_string();

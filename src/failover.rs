@@ -115,9 +115,7 @@ impl<C: Clock> App<C> {
             called: vec![false; pool.len()],
             needs_window_over: None,
         };
-        let too_small = |t: &Tried, i: usize| {
-            matches!((t.needs_window_over, pool[i].context_window), (Some(need), Some(w)) if w <= need)
-        };
+        let too_small = |t: &Tried, i: usize| matches!((t.needs_window_over, pool[i].context_window), (Some(need), Some(w)) if w <= need);
         let mut attempts = Vec::new();
         let mut out_of_time = false;
 
@@ -169,7 +167,9 @@ impl<C: Clock> App<C> {
         let mut soonest = None::<Duration>;
         for &i in &route.members {
             let state = self.health.state(i, now);
-            let wait = state.until().map(|until| until.saturating_duration_since(now));
+            let wait = state
+                .until()
+                .map(|until| until.saturating_duration_since(now));
             let recovery = wait.unwrap_or(TRANSIENT_RECOVERY);
             soonest = Some(soonest.map_or(recovery, |s| s.min(recovery)));
             deployments.push(DeploymentState {
@@ -304,8 +304,12 @@ fn misconfiguration_hint(status: u16, code: &str, message: &str) -> String {
         (404, "DeploymentNotFound") => {
             "no such deployment on this resource: check AZURE_OPENAI_DEPLOYMENTS (or the entry in FALLBACK_POOL)"
         }
-        (404, _) => "not found: check AZURE_OPENAI_ENDPOINT and AZURE_OPENAI_API_VERSION (or the entry in FALLBACK_POOL)",
-        _ => "access denied: check AZURE_OPENAI_API_KEY (or the entry's key_env) belongs to the endpoint's resource",
+        (404, _) => {
+            "not found: check AZURE_OPENAI_ENDPOINT and AZURE_OPENAI_API_VERSION (or the entry in FALLBACK_POOL)"
+        }
+        _ => {
+            "access denied: check AZURE_OPENAI_API_KEY (or the entry's key_env) belongs to the endpoint's resource"
+        }
     };
     if message.is_empty() {
         fix.to_owned()

@@ -86,7 +86,9 @@ pub struct Breaker {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Circuit {
-    Closed { failures: u32 },
+    Closed {
+        failures: u32,
+    },
     /// Out until `until`; after that, half-open: one probe at a time.
     Open {
         until: Instant,
@@ -121,8 +123,12 @@ pub enum State {
     Available,
     /// The circuit's trip time has passed: the next caller is its probe.
     HalfOpen,
-    Throttled { until: Instant },
-    CircuitOpen { until: Instant },
+    Throttled {
+        until: Instant,
+    },
+    CircuitOpen {
+        until: Instant,
+    },
     /// Half-open, and another request's probe is still out.
     ProbeInFlight,
 }
@@ -398,7 +404,10 @@ mod tests {
             "a shorter Retry-After never shortens the cooldown"
         );
         health.record(0, throttle(30), t0);
-        assert_eq!(health.state(0, t0).until(), Some(t0 + Duration::from_secs(30)));
+        assert_eq!(
+            health.state(0, t0).until(),
+            Some(t0 + Duration::from_secs(30))
+        );
 
         clock.advance(Duration::from_secs(30));
         assert_eq!(health.state(0, clock.now()), State::Available);
@@ -427,12 +436,23 @@ mod tests {
         clock.advance(BREAKER.open_for);
         let now = clock.now();
         assert_eq!(health.state(0, now), State::HalfOpen);
-        assert_eq!(health.select(&[0], &pool, |_| false, now), Some(0), "the probe");
+        assert_eq!(
+            health.select(&[0], &pool, |_| false, now),
+            Some(0),
+            "the probe"
+        );
         assert_eq!(health.state(0, now), State::ProbeInFlight);
-        assert_eq!(health.select(&[0], &pool, |_| false, now), None, "only one probe");
+        assert_eq!(
+            health.select(&[0], &pool, |_| false, now),
+            None,
+            "only one probe"
+        );
 
         health.record(0, Event::Failure, now);
-        assert!(matches!(health.state(0, now), State::CircuitOpen { .. }), "failed probe");
+        assert!(
+            matches!(health.state(0, now), State::CircuitOpen { .. }),
+            "failed probe"
+        );
 
         clock.advance(BREAKER.open_for);
         let now = clock.now();

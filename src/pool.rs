@@ -137,38 +137,65 @@ pub fn parse(
 
     let mut deployments = Vec::with_capacity(spec.deployments.len());
     for (i, entry) in spec.deployments.into_iter().enumerate() {
-        let at = |field: &str, reason: String| invalid(format!("deployments[{i}].{field}: {reason}"));
+        let at =
+            |field: &str, reason: String| invalid(format!("deployments[{i}].{field}: {reason}"));
         check_deployment_name(&entry.deployment).map_err(|r| at("deployment", r))?;
         let endpoint = entry
             .endpoint
             .or_else(|| defaults.endpoint.clone())
-            .ok_or_else(|| at("endpoint", "missing (and AZURE_OPENAI_ENDPOINT is not set)".into()))
+            .ok_or_else(|| {
+                at(
+                    "endpoint",
+                    "missing (and AZURE_OPENAI_ENDPOINT is not set)".into(),
+                )
+            })
             .and_then(|e| parse_endpoint(&e).map_err(|r| at("endpoint", r)))?;
         let api = match entry.api.as_deref() {
             None | Some("classic") => ApiStyle::Classic {
                 api_version: match entry.api_version {
                     Some(v) if is_api_version(&v) => v,
-                    Some(v) => return Err(at("api_version", format!("{v:?} is not a date such as 2024-10-21"))),
+                    Some(v) => {
+                        return Err(at(
+                            "api_version",
+                            format!("{v:?} is not a date such as 2024-10-21"),
+                        ));
+                    }
                     None => defaults.api_version.to_owned(),
                 },
             },
             Some("v1") if entry.api_version.is_some() => {
-                return Err(at("api_version", "v1 takes no api-version; remove it".into()));
+                return Err(at(
+                    "api_version",
+                    "v1 takes no api-version; remove it".into(),
+                ));
             }
             Some("v1") => ApiStyle::V1,
-            Some(other) => return Err(at("api", format!("{other:?}: expected \"classic\" or \"v1\""))),
+            Some(other) => {
+                return Err(at(
+                    "api",
+                    format!("{other:?}: expected \"classic\" or \"v1\""),
+                ));
+            }
         };
         let key_env = entry.key_env.unwrap_or_else(|| DEFAULT_KEY_ENV.to_owned());
-        let key = lookup(&key_env).map(|k| k.trim().to_owned()).filter(|k| !k.is_empty());
+        let key = lookup(&key_env)
+            .map(|k| k.trim().to_owned())
+            .filter(|k| !k.is_empty());
         if key.is_none() && matches!(api, ApiStyle::Classic { .. }) {
-            return Err(at("key_env", format!("the variable {key_env} it names is not set")));
+            return Err(at(
+                "key_env",
+                format!("the variable {key_env} it names is not set"),
+            ));
         }
         let weight = entry.weight.unwrap_or(1.0);
         if !(weight.is_finite() && weight > 0.0) {
             return Err(at("weight", format!("{weight} is not a positive number")));
         }
         if entry.context_window == Some(0) {
-            return Err(at("context_window", "must be a positive number of tokens".into()));
+            return Err(at(
+                "context_window",
+                "must be a positive number of tokens".into(),
+            ));
         }
         deployments.push(Deployment {
             id: entry.id.unwrap_or_else(|| entry.deployment.clone()),
@@ -207,7 +234,9 @@ pub fn parse(
             .iter()
             .map(|id| {
                 index.get(id.as_str()).copied().ok_or_else(|| {
-                    invalid(format!("routes.{name} names {id:?}, which is not a deployment id"))
+                    invalid(format!(
+                        "routes.{name} names {id:?}, which is not a deployment id"
+                    ))
                 })
             })
             .collect::<Result<Vec<_>, _>>()?;
@@ -222,9 +251,15 @@ pub fn parse(
             .position(|r| &r.name == name)
             .ok_or_else(|| invalid(format!("default_route {name:?} is not one of the routes")))?,
         None if routes.len() == 1 => 0,
-        None => routes.iter().position(|r| r.name == "default").ok_or_else(|| {
-            invalid("several routes and no \"default_route\": name the one GET /?query= uses".into())
-        })?,
+        None => routes
+            .iter()
+            .position(|r| r.name == "default")
+            .ok_or_else(|| {
+                invalid(
+                    "several routes and no \"default_route\": name the one GET /?query= uses"
+                        .into(),
+                )
+            })?,
     };
 
     Ok(Pool {
@@ -303,9 +338,13 @@ pub fn is_api_version(v: &str) -> bool {
     let (date, suffix) = v.split_at(v.len().min(10));
     let b = date.as_bytes();
     b.len() == 10
-        && b.iter()
-            .enumerate()
-            .all(|(i, c)| if i == 4 || i == 7 { *c == b'-' } else { c.is_ascii_digit() })
+        && b.iter().enumerate().all(|(i, c)| {
+            if i == 4 || i == 7 {
+                *c == b'-'
+            } else {
+                c.is_ascii_digit()
+            }
+        })
         && (suffix.is_empty() || suffix == "-preview")
 }
 
@@ -354,7 +393,10 @@ mod tests {
             d[0].url(),
             "https://east.openai.azure.com/openai/deployments/gpt-4o/chat/completions?api-version=2024-10-21"
         );
-        assert_eq!(d[2].url(), "https://west.openai.azure.com/openai/v1/chat/completions");
+        assert_eq!(
+            d[2].url(),
+            "https://west.openai.azure.com/openai/v1/chat/completions"
+        );
         assert_eq!(d[3].url(), "http://127.0.0.1:11434/v1/chat/completions");
         assert_eq!(d[0].key.as_ref().unwrap().expose(), "east-secret");
         assert!(d[3].key.is_none(), "a v1 server may take no key");
@@ -379,7 +421,10 @@ mod tests {
         .unwrap();
         let d = &p.deployments[0];
         assert_eq!(d.id, "gpt-4o");
-        assert!(d.url().starts_with("https://res.openai.azure.com/openai/deployments/gpt-4o/"));
+        assert!(
+            d.url()
+                .starts_with("https://res.openai.azure.com/openai/deployments/gpt-4o/")
+        );
         assert!(d.url().ends_with("2025-04-01-preview"));
         assert_eq!(d.key.as_ref().unwrap().expose(), "default-secret");
         assert_eq!(p.default_route().members, [0]);
@@ -390,21 +435,57 @@ mod tests {
         for (json, expected) in [
             ("{", "FALLBACK_POOL is invalid"),
             (r#"{"deployments":[]}"#, "is empty"),
-            (r#"{"deployments":[{"deployment":"a","endpoint":"https://x","key":"sk-1"}]}"#, "key_env"),
-            (r#"{"deployments":[{"deployment":"a","endpoint":"https://x","key_env":"NOPE"}]}"#, "deployments[0].key_env: the variable NOPE"),
-            (r#"{"deployments":[{"deployment":"a","key_env":"KEY_EAST"}]}"#, "deployments[0].endpoint: missing"),
-            (r#"{"deployments":[{"deployment":"a","endpoint":"ftp://x","key_env":"KEY_EAST"}]}"#, "deployments[0].endpoint"),
-            (r#"{"deployments":[{"deployment":"a b","endpoint":"https://x","key_env":"KEY_EAST"}]}"#, "deployments[0].deployment"),
-            (r#"{"deployments":[{"deployment":"a","endpoint":"https://x","key_env":"KEY_EAST","api":"v2"}]}"#, "deployments[0].api"),
-            (r#"{"deployments":[{"deployment":"a","endpoint":"https://x","key_env":"KEY_EAST","weight":0}]}"#, "deployments[0].weight"),
-            (r#"{"deployments":[{"deployment":"a","endpoint":"https://x","key_env":"KEY_EAST"},{"deployment":"a","endpoint":"https://y","key_env":"KEY_EAST"}]}"#, "distinct \"id\""),
-            (r#"{"deployments":[{"deployment":"a","endpoint":"https://x","key_env":"KEY_EAST"}],"routes":{"chat":["b"]}}"#, "routes.chat names \"b\""),
-            (r#"{"deployments":[{"deployment":"a","endpoint":"https://x","key_env":"KEY_EAST"}],"routes":{"x":["a"],"y":["a"]}}"#, "default_route"),
-            (r#"{"deployments":[{"deployment":"a","endpoint":"https://x","key_env":"KEY_EAST"}],"default_route":"z"}"#, "default_route \"z\""),
+            (
+                r#"{"deployments":[{"deployment":"a","endpoint":"https://x","key":"sk-1"}]}"#,
+                "key_env",
+            ),
+            (
+                r#"{"deployments":[{"deployment":"a","endpoint":"https://x","key_env":"NOPE"}]}"#,
+                "deployments[0].key_env: the variable NOPE",
+            ),
+            (
+                r#"{"deployments":[{"deployment":"a","key_env":"KEY_EAST"}]}"#,
+                "deployments[0].endpoint: missing",
+            ),
+            (
+                r#"{"deployments":[{"deployment":"a","endpoint":"ftp://x","key_env":"KEY_EAST"}]}"#,
+                "deployments[0].endpoint",
+            ),
+            (
+                r#"{"deployments":[{"deployment":"a b","endpoint":"https://x","key_env":"KEY_EAST"}]}"#,
+                "deployments[0].deployment",
+            ),
+            (
+                r#"{"deployments":[{"deployment":"a","endpoint":"https://x","key_env":"KEY_EAST","api":"v2"}]}"#,
+                "deployments[0].api",
+            ),
+            (
+                r#"{"deployments":[{"deployment":"a","endpoint":"https://x","key_env":"KEY_EAST","weight":0}]}"#,
+                "deployments[0].weight",
+            ),
+            (
+                r#"{"deployments":[{"deployment":"a","endpoint":"https://x","key_env":"KEY_EAST"},{"deployment":"a","endpoint":"https://y","key_env":"KEY_EAST"}]}"#,
+                "distinct \"id\"",
+            ),
+            (
+                r#"{"deployments":[{"deployment":"a","endpoint":"https://x","key_env":"KEY_EAST"}],"routes":{"chat":["b"]}}"#,
+                "routes.chat names \"b\"",
+            ),
+            (
+                r#"{"deployments":[{"deployment":"a","endpoint":"https://x","key_env":"KEY_EAST"}],"routes":{"x":["a"],"y":["a"]}}"#,
+                "default_route",
+            ),
+            (
+                r#"{"deployments":[{"deployment":"a","endpoint":"https://x","key_env":"KEY_EAST"}],"default_route":"z"}"#,
+                "default_route \"z\"",
+            ),
         ] {
             let err = pool(json).unwrap_err();
             assert!(err.contains(expected), "{json}\n  -> {err}");
-            assert!(!err.contains("sk-1") && !err.contains("east-secret"), "{err}");
+            assert!(
+                !err.contains("sk-1") && !err.contains("east-secret"),
+                "{err}"
+            );
         }
     }
 

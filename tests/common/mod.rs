@@ -24,6 +24,8 @@ pub const API_KEY: &str = "sk-test-7f3a9c1e-never-log-me";
 
 pub struct Harness {
     pub emulator: Emulator,
+    /// Further Azure resources, for pools that span several.
+    pub others: Vec<Emulator>,
     pub clock: Arc<ManualClock>,
     pub app: Arc<App<Arc<ManualClock>>>,
     pub logs: Logs,
@@ -67,21 +69,35 @@ impl Harness {
         }
         let emulator = builder.start().await.expect("emulator starts");
         let names: Vec<&str> = deployments.iter().map(|(n, _)| *n).collect();
-        let mut vars: HashMap<String, String> = HashMap::from([
+        let mut vars: Vec<(String, String)> = vec![
             ("AZURE_OPENAI_ENDPOINT".into(), emulator.url()),
             ("AZURE_OPENAI_API_KEY".into(), API_KEY.into()),
             ("AZURE_OPENAI_DEPLOYMENTS".into(), names.join(",")),
-        ]);
-        for (k, v) in env {
-            vars.insert(k.to_string(), v.to_string());
-        }
+        ];
+        vars.extend(env.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+        Self::build(emulator, Vec::new(), &vars, None)
+    }
+
+    /// The real handler over whatever emulators a test started, configured by `vars` (later
+    /// entries win), with the weighted choice seeded when `seed` is given.
+    pub fn build(
+        emulator: Emulator,
+        others: Vec<Emulator>,
+        vars: &[(String, String)],
+        seed: Option<u64>,
+    ) -> Self {
+        let vars: HashMap<String, String> = vars.iter().cloned().collect();
         let config = Config::from_lookup(|k| vars.get(k).cloned()).expect("valid config");
         let clock = Arc::new(ManualClock::default());
-        let app = Arc::new(App::with_clock(config, Arc::clone(&clock)).expect("app builds"));
+        let app = match seed {
+            Some(seed) => App::with_seed(config, Arc::clone(&clock), seed),
+            None => App::with_clock(config, Arc::clone(&clock)),
+        };
         Self {
             emulator,
+            others,
             clock,
-            app,
+            app: Arc::new(app.expect("app builds")),
             logs: Logs::default(),
         }
     }
