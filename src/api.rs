@@ -95,8 +95,17 @@ impl<C: Clock> App<C> {
         }
         let budget = self.budget(request.lambda_context_ref(), SystemTime::now());
         let body = azure::chat_body(&self.config.system_prompt, query);
-        self.complete(self.config.pool.default_route(), &body, budget)
-            .await
+        let answer = self
+            .complete(self.config.pool.default_route(), &body, budget)
+            .await?;
+        // This interface has no way to show a filtered completion as such: say so plainly.
+        match answer.completion.output_filter() {
+            Some(filter) => Err(RequestError::ContentFiltered {
+                deployment: answer.deployment,
+                filter,
+            }),
+            None => Ok(answer),
+        }
     }
 
     /// Time this request may spend upstream: the configured budget, cut to the Lambda deadline

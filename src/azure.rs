@@ -3,8 +3,9 @@
 
 use std::time::{Duration, SystemTime};
 
+use bytes::Bytes;
 use reqwest::header::{AUTHORIZATION, CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue};
-use reqwest::{Client, StatusCode};
+use reqwest::{Client, RequestBuilder, Response, StatusCode};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
 
@@ -51,6 +52,8 @@ pub enum Transient {
     Reset,
     /// A 2xx whose body is not a chat completion (a proxy's page, a truncated body).
     BadResponse,
+    /// A stream that sent no content within the time-to-first-token limit.
+    FirstTokenTimeout,
 }
 
 /// Azure's reason for blocking a prompt or a completion.
@@ -77,6 +80,8 @@ pub struct Completion {
     /// Quota left on the deployment after this call, when Azure says.
     pub remaining_requests: Option<u64>,
     pub remaining_tokens: Option<u64>,
+    /// The body exactly as the deployment sent it, for callers that pass it through.
+    pub raw: Bytes,
 }
 
 /// A chat-completions request body, as JSON fields: built for GET /?query=, passed through
@@ -152,17 +157,9 @@ impl Upstream {
         Ok(Self { client, targets })
     }
 
-    /// One call to deployment `index`, bounded by `timeout` from start to the last body byte.
-    pub async fn chat(
-        &self,
-        index: usize,
-        body: &ChatBody,
-        timeout: Duration,
-        now: SystemTime,
-    ) -> (Option<u16>, Outcome) {
-        let Some(target) = self.targets.get(index) else {
-            return (None, Outcome::Transient(Transient::Connect));
-        };
+    /// The POST for deployment `index`: URL, key, body (with `model` set for v1 servers).
+    fn request(&self, index: usize, body: &ChatBody) -> Option<RequestBuilder> {
+        let target = self.targets.get(index)?;
         let bytes = match &target.model {
             Some(model) => {
                 let mut body = body.clone();
@@ -177,30 +174,72 @@ impl Upstream {
             .client
             .post(&target.url)
             .header(CONTENT_TYPE, "application/json")
-            .timeout(timeout)
             .body(bytes);
         if let Some((name, value)) = &target.auth {
             request = request.header(name, value.clone());
         }
-        let response = match request.send().await {
-            Ok(response) => response,
-            Err(e) => return (None, Outcome::Transient(transport_failure(&e))),
+        Some(request)
+    }
+
+    /// One call to deployment `index`, bounded by `timeout` from start to the last body byte.
+    pub async fn chat(
+        &self,
+        index: usize,
+        body: &ChatBody,
+        timeout: Duration,
+        now: SystemTime,
+    ) -> (Option<u16>, Outcome) {
+        let Some(request) = self.request(index, body) else {
+            return (None, Outcome::Transient(Transient::Connect));
         };
-        let status = response.status();
-        let headers = response.headers().clone();
-        let bytes = match response.bytes().await {
-            Ok(bytes) => bytes,
-            Err(e) => {
-                return (
-                    Some(status.as_u16()),
-                    Outcome::Transient(transport_failure(&e)),
-                );
-            }
+        match request.timeout(timeout).send().await {
+            Ok(response) => read(response, now).await,
+            Err(e) => (None, Outcome::Transient(transport_failure(&e))),
+        }
+    }
+
+    /// Starts a streaming call: the response once its headers are in (within `timeout`) and
+    /// its status is 2xx, or what the call came to otherwise. The body is left to the caller,
+    /// which bounds it event by event.
+    pub async fn open_stream(
+        &self,
+        index: usize,
+        body: &ChatBody,
+        timeout: Duration,
+        now: SystemTime,
+    ) -> Result<Response, (Option<u16>, Outcome)> {
+        let Some(request) = self.request(index, body) else {
+            return Err((None, Outcome::Transient(Transient::Connect)));
         };
-        (
+        let response = match tokio::time::timeout(timeout, request.send()).await {
+            Err(_) => return Err((None, Outcome::Transient(Transient::Timeout))),
+            Ok(Err(e)) => return Err((None, Outcome::Transient(transport_failure(&e)))),
+            Ok(Ok(response)) => response,
+        };
+        if response.status().is_success() {
+            return Ok(response);
+        }
+        // An error answer is short: the rest of the attempt's time bounds reading it.
+        match tokio::time::timeout(timeout, read(response, now)).await {
+            Ok(answer) => Err(answer),
+            Err(_) => Err((None, Outcome::Transient(Transient::Timeout))),
+        }
+    }
+}
+
+/// Reads a whole answer and classifies it.
+async fn read(response: Response, now: SystemTime) -> (Option<u16>, Outcome) {
+    let status = response.status();
+    let headers = response.headers().clone();
+    match response.bytes().await {
+        Ok(bytes) => (
             Some(status.as_u16()),
-            classify(status, &headers, &bytes, now),
-        )
+            classify(status, &headers, bytes, now),
+        ),
+        Err(e) => (
+            Some(status.as_u16()),
+            Outcome::Transient(transport_failure(&e)),
+        ),
     }
 }
 
@@ -215,14 +254,14 @@ fn transport_failure(e: &reqwest::Error) -> Transient {
 }
 
 /// Turns a complete HTTP answer into an [`Outcome`].
-pub fn classify(status: StatusCode, headers: &HeaderMap, body: &[u8], now: SystemTime) -> Outcome {
+pub fn classify(status: StatusCode, headers: &HeaderMap, body: Bytes, now: SystemTime) -> Outcome {
     if status.is_success() {
-        return match serde_json::from_slice::<WireCompletion>(body) {
-            Ok(c) => c.into_completion(headers),
+        return match serde_json::from_slice::<WireCompletion>(&body) {
+            Ok(c) => c.into_completion(headers, body),
             Err(_) => Outcome::Transient(Transient::BadResponse),
         };
     }
-    let error = serde_json::from_slice::<ErrorEnvelope>(body)
+    let error = serde_json::from_slice::<ErrorEnvelope>(&body)
         .map(|e| e.error)
         .unwrap_or_default();
     let code = error.code_string();
@@ -376,7 +415,7 @@ struct WireMessage {
 }
 
 impl WireCompletion {
-    fn into_completion(self, headers: &HeaderMap) -> Outcome {
+    fn into_completion(self, headers: &HeaderMap, raw: Bytes) -> Outcome {
         let number = |name: &str| {
             headers
                 .get(name)
@@ -394,6 +433,7 @@ impl WireCompletion {
             content_filter_results: choice.content_filter_results,
             remaining_requests: number("x-ratelimit-remaining-requests"),
             remaining_tokens: number("x-ratelimit-remaining-tokens"),
+            raw,
         })
     }
 }
@@ -476,7 +516,7 @@ mod tests {
         let outcome = classify(
             StatusCode::TOO_MANY_REQUESTS,
             &HeaderMap::new(),
-            body,
+            Bytes::from_static(body),
             now(),
         );
         assert!(
@@ -487,7 +527,12 @@ mod tests {
             Some(Duration::from_secs(50))
         );
         assert_eq!(retry_after_in_message("Please retry after a while."), None);
-        let outcome = classify(StatusCode::TOO_MANY_REQUESTS, &HeaderMap::new(), b"", now());
+        let outcome = classify(
+            StatusCode::TOO_MANY_REQUESTS,
+            &HeaderMap::new(),
+            Bytes::new(),
+            now(),
+        );
         assert!(matches!(outcome, Outcome::Throttled { retry_after: None }));
     }
 
@@ -497,7 +542,7 @@ mod tests {
             classify(
                 StatusCode::from_u16(status).unwrap(),
                 &HeaderMap::new(),
-                body.as_bytes(),
+                Bytes::copy_from_slice(body.as_bytes()),
                 now(),
             )
         };
@@ -562,14 +607,19 @@ mod tests {
         let outcome = classify(
             StatusCode::OK,
             &HeaderMap::new(),
-            br#"{"choices":[]}"#,
+            Bytes::from_static(br#"{"choices":[]}"#),
             now(),
         );
         assert!(matches!(
             outcome,
             Outcome::Transient(Transient::BadResponse)
         ));
-        let outcome = classify(StatusCode::OK, &HeaderMap::new(), b"<html>", now());
+        let outcome = classify(
+            StatusCode::OK,
+            &HeaderMap::new(),
+            Bytes::from_static(b"<html>"),
+            now(),
+        );
         assert!(matches!(
             outcome,
             Outcome::Transient(Transient::BadResponse)

@@ -2,6 +2,7 @@
 //! priority and weight decide among them), call it within what is left of the deadline,
 //! classify the outcome, record it, and decide whether to go on.
 
+use std::future::Future;
 use std::time::Duration;
 
 use serde::Serialize;
@@ -101,14 +102,46 @@ struct Tried {
     needs_window_over: Option<u32>,
 }
 
+/// A successful call's news for the health table: the quota the deployment says it has left.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Quota {
+    pub remaining_requests: Option<u64>,
+    pub remaining_tokens: Option<u64>,
+}
+
 impl<C: Clock> App<C> {
-    /// Asks the route's deployments until one answers, within `budget`.
+    /// Asks the route's deployments for a whole completion until one answers, within `budget`.
     pub async fn complete(
         &self,
         route: &Route,
         body: &ChatBody,
         budget: Duration,
     ) -> Result<Answer, RequestError> {
+        let (completion, index, attempts) = self
+            .failover(route, budget, |index, deadline| {
+                self.call(index, body, deadline)
+            })
+            .await?;
+        Ok(Answer {
+            deployment: self.config.pool.deployments[index].id.clone(),
+            completion,
+            attempts,
+        })
+    }
+
+    /// The loop every request runs: choose a deployment, let `attempt` try it before
+    /// `deadline`, and go on according to the outcome until one succeeds or none is left.
+    /// Returns what the successful attempt produced, the deployment's index and all attempts.
+    pub(crate) async fn failover<T, F, Fut>(
+        &self,
+        route: &Route,
+        budget: Duration,
+        mut attempt: F,
+    ) -> Result<(T, usize, Vec<Attempt>), RequestError>
+    where
+        F: FnMut(usize, Instant) -> Fut,
+        Fut: Future<Output = (Attempt, Result<T, Outcome>)>,
+    {
         let deadline = Instant::now() + budget;
         let pool = &self.config.pool.deployments;
         let mut tried = Tried {
@@ -132,33 +165,26 @@ impl<C: Clock> App<C> {
                 break;
             };
             tried.called[index] = true;
-            let (mut attempt, outcome) = self.call(index, body, deadline).await;
-            match outcome {
-                Outcome::Answered(completion) => {
-                    if let Some(filter) = completion.output_filter() {
-                        return Err(filtered(&attempt.deployment, filter));
-                    }
-                    attempts.push(attempt);
-                    return Ok(Answer {
-                        deployment: pool[index].id.clone(),
-                        completion,
-                        attempts,
-                    });
+            let (mut made, result) = attempt(index, deadline).await;
+            match result {
+                Ok(value) => {
+                    attempts.push(made);
+                    return Ok((value, index, attempts));
                 }
-                Outcome::ContentFiltered(filter) => {
-                    return Err(filtered(&attempt.deployment, filter));
+                Err(Outcome::ContentFiltered(filter)) => {
+                    return Err(filtered(&made.deployment, filter));
                 }
-                Outcome::ContextLengthExceeded { message } => {
+                Err(Outcome::ContextLengthExceeded { message }) => {
                     // Never the same one again; only a larger configured window can help.
                     if let Some(window) = pool[index].context_window {
                         tried.needs_window_over =
                             Some(tried.needs_window_over.map_or(window, |w| w.max(window)));
                     }
-                    attempt.message = Some(message);
+                    made.message = Some(message);
                 }
-                _ => {}
+                Err(_) => {}
             }
-            attempts.push(attempt);
+            attempts.push(made);
         }
 
         // Say why every deployment that was not called was left out.
@@ -199,51 +225,100 @@ impl<C: Clock> App<C> {
         }))
     }
 
-    /// Calls one deployment, once more after a single 500 or reset when time allows, and
-    /// records each outcome in the health table.
-    async fn call(&self, index: usize, body: &ChatBody, deadline: Instant) -> (Attempt, Outcome) {
-        let id = &self.config.pool.deployments[index].id;
+    /// Calls one deployment for a whole completion, once more after a single 500 or reset
+    /// when time allows.
+    async fn call(
+        &self,
+        index: usize,
+        body: &ChatBody,
+        deadline: Instant,
+    ) -> (Attempt, Result<Completion, Outcome>) {
         let started = Instant::now();
         let mut retried = false;
         loop {
-            let remaining = deadline.saturating_duration_since(Instant::now());
-            let timeout = self.config.attempt_timeout.min(remaining);
+            let timeout = self
+                .config
+                .attempt_timeout
+                .min(deadline.saturating_duration_since(Instant::now()));
             let call_started = Instant::now();
             let (status, outcome) = self
                 .upstream
                 .chat(index, body, timeout, self.clock.wall())
                 .await;
-            let now = self.clock.now();
-            let mut attempt = Attempt {
-                deployment: id.clone(),
-                outcome: "ok",
-                status,
-                ms: millis(started.elapsed()),
-                retry_after_ms: None,
-                retried,
-                message: None,
+            let result = match outcome {
+                Outcome::Answered(completion) => Ok(completion),
+                other => Err(other),
             };
-            let event = match &outcome {
-                Outcome::Answered(c) => Event::Success {
-                    latency: call_started.elapsed(),
-                    remaining_requests: c.remaining_requests,
-                    remaining_tokens: c.remaining_tokens,
-                },
-                Outcome::Throttled { retry_after } => {
-                    let cooldown = retry_after.unwrap_or(self.config.throttle_cooldown);
-                    Event::Throttled {
-                        until: now + cooldown,
-                    }
-                }
-                Outcome::Transient(_) | Outcome::Misconfigured { .. } => Event::Failure,
-                Outcome::ContentFiltered(_)
-                | Outcome::ContextLengthExceeded { .. }
-                | Outcome::Rejected { .. } => Event::Answered,
-            };
-            self.health.record(index, event, now);
+            let settled = result.as_ref().map(|c| Quota {
+                remaining_requests: c.remaining_requests,
+                remaining_tokens: c.remaining_tokens,
+            });
+            let attempt = self.settle(index, status, settled, started, call_started, retried);
+            if let Err(outcome) = &result
+                && self.retry_once(index, outcome, retried, deadline)
+            {
+                retried = true;
+                continue;
+            }
+            return (attempt, result);
+        }
+    }
 
-            attempt.outcome = match &outcome {
-                Outcome::Answered(c) if c.output_filter().is_some() => "content_filter",
+    /// Whether a failed call deserves its one quick retry on the same deployment: a single
+    /// 500 or reset, never a 4xx, while the circuit still lets it in and the deadline leaves room.
+    pub(crate) fn retry_once(
+        &self,
+        index: usize,
+        outcome: &Outcome,
+        retried: bool,
+        deadline: Instant,
+    ) -> bool {
+        !retried
+            && matches!(
+                outcome,
+                Outcome::Transient(Transient::Status(500) | Transient::Reset)
+            )
+            && self.health.state(index, self.clock.now()).usable()
+            && deadline.saturating_duration_since(Instant::now()) >= MIN_ATTEMPT
+    }
+
+    /// Records what one call came to in the health table, and describes and logs it as an
+    /// attempt (`started` is when this deployment's first call began).
+    pub(crate) fn settle(
+        &self,
+        index: usize,
+        status: Option<u16>,
+        result: Result<Quota, &Outcome>,
+        started: Instant,
+        call_started: Instant,
+        retried: bool,
+    ) -> Attempt {
+        let now = self.clock.now();
+        let mut attempt = Attempt {
+            deployment: self.config.pool.deployments[index].id.clone(),
+            outcome: "ok",
+            status,
+            ms: millis(started.elapsed()),
+            retry_after_ms: None,
+            retried,
+            message: None,
+        };
+        let event = match result {
+            Ok(quota) => Event::Success {
+                latency: call_started.elapsed(),
+                remaining_requests: quota.remaining_requests,
+                remaining_tokens: quota.remaining_tokens,
+            },
+            Err(Outcome::Throttled { retry_after }) => Event::Throttled {
+                until: now + retry_after.unwrap_or(self.config.throttle_cooldown),
+            },
+            Err(Outcome::Transient(_) | Outcome::Misconfigured { .. }) => Event::Failure,
+            Err(_) => Event::Answered,
+        };
+        self.health.record(index, event, now);
+
+        if let Err(outcome) = result {
+            attempt.outcome = match outcome {
                 Outcome::Answered(_) => "ok",
                 Outcome::Throttled { .. } => {
                     // The table may hold a longer cooldown than this 429 asked for.
@@ -252,6 +327,7 @@ impl<C: Clock> App<C> {
                     "throttled"
                 }
                 Outcome::Transient(Transient::Status(408) | Transient::Timeout) => "timeout",
+                Outcome::Transient(Transient::FirstTokenTimeout) => "first_token_timeout",
                 Outcome::Transient(Transient::Status(_)) => "server_error",
                 Outcome::Transient(Transient::Connect) => "connection_error",
                 Outcome::Transient(Transient::Reset) => "connection_reset",
@@ -271,24 +347,9 @@ impl<C: Clock> App<C> {
                     "rejected"
                 }
             };
-            log_attempt(&attempt);
-
-            // One quick retry for a single 500 or reset, never for a 4xx, and only while the
-            // circuit still lets the deployment in and the deadline leaves room.
-            let retryable = matches!(
-                outcome,
-                Outcome::Transient(Transient::Status(500) | Transient::Reset)
-            );
-            if retryable
-                && !retried
-                && self.health.state(index, now).usable()
-                && deadline.saturating_duration_since(Instant::now()) >= MIN_ATTEMPT
-            {
-                retried = true;
-                continue;
-            }
-            return (attempt, outcome);
         }
+        log_attempt(&attempt);
+        attempt
     }
 }
 
@@ -318,12 +379,12 @@ fn misconfiguration_hint(status: u16, code: &str, message: &str) -> String {
     }
 }
 
-fn millis(d: Duration) -> u64 {
+pub(crate) fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
 /// One structured line per attempt; the Lambda request id comes from the runtime's span.
-fn log_attempt(a: &Attempt) {
+pub(crate) fn log_attempt(a: &Attempt) {
     let (deployment, outcome, status, latency_ms, retry_after_ms, retried) = (
         &a.deployment,
         a.outcome,
