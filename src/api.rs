@@ -1,12 +1,19 @@
-//! The HTTP surface: which paths and methods exist, request -> question, outcome -> status + JSON.
-//! The only module that knows about HTTP statuses.
+//! The HTTP surface: which paths and methods exist, request -> question, outcome -> status +
+//! JSON. With `openai.rs` (the OpenAI-compatible routes), the only modules that know HTTP statuses.
 
+use std::convert::Infallible;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context as TaskContext, Poll};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use bytes::Bytes;
+use http_body::Frame;
 use lambda_http::http::{HeaderValue, StatusCode, header};
 use lambda_http::{Body, Context, Request, RequestExt, Response};
 use serde::Serialize;
 use serde_json::{Value, json};
+use tokio::sync::mpsc;
 
 use crate::App;
 use crate::azure;
@@ -27,11 +34,98 @@ struct Answered<'a> {
     usage: &'a Option<Value>,
 }
 
+/// A response body: whole, or frames relayed as a stream produces them.
+#[derive(Debug)]
+pub enum Reply {
+    Full(Option<Bytes>),
+    Stream(mpsc::Receiver<Bytes>),
+}
+
+impl http_body::Body for Reply {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        match self.get_mut() {
+            Reply::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
+            Reply::Stream(frames) => frames.poll_recv(cx).map(|f| f.map(|b| Ok(Frame::data(b)))),
+        }
+    }
+}
+
+impl Reply {
+    /// The whole body, waiting for a stream to end.
+    pub async fn collect(self) -> Bytes {
+        match self {
+            Reply::Full(bytes) => bytes.unwrap_or_default(),
+            Reply::Stream(mut frames) => {
+                let mut all = Vec::new();
+                while let Some(frame) = frames.recv().await {
+                    all.extend_from_slice(&frame);
+                }
+                Bytes::from(all)
+            }
+        }
+    }
+}
+
+/// Which handler a path belongs to.
+enum Endpoint<'a> {
+    Ask,
+    OpenAi,
+    Azure { route: &'a str },
+    Unknown,
+}
+
+fn endpoint(path: &str) -> Endpoint<'_> {
+    match path {
+        "/" => Endpoint::Ask,
+        "/v1/chat/completions" => Endpoint::OpenAi,
+        _ => match path
+            .strip_prefix("/openai/deployments/")
+            .and_then(|rest| rest.strip_suffix("/chat/completions"))
+        {
+            Some(route) if !route.is_empty() && !route.contains('/') => Endpoint::Azure { route },
+            _ => Endpoint::Unknown,
+        },
+    }
+}
+
 impl<C: Clock> App<C> {
-    /// Answers one HTTP request. Never fails: every problem becomes a JSON error response.
-    pub async fn handle(&self, request: Request) -> Response<Body> {
+    /// Answers one HTTP request, streaming when the caller asked for a stream. Never fails:
+    /// every problem becomes a JSON error response.
+    pub async fn handle(self: &Arc<Self>, request: Request) -> Response<Reply> {
+        let path = match request.raw_http_path() {
+            "" => request.uri().path(),
+            raw => raw,
+        }
+        .to_owned();
+        match endpoint(&path) {
+            Endpoint::OpenAi => self.chat_completions(&request, None).await,
+            Endpoint::Azure { route } => self.chat_completions(&request, Some(route)).await,
+            Endpoint::Ask | Endpoint::Unknown => self.ask(&request).await,
+        }
+    }
+
+    /// [`App::handle`] with the whole body at once, as API Gateway, ALB and buffered Function
+    /// URLs need it; a requested stream is sent complete, as `text/event-stream`.
+    pub async fn handle_buffered(self: &Arc<Self>, request: Request) -> Response<Body> {
+        let (parts, reply) = self.handle(request).await.into_parts();
+        let bytes = reply.collect().await;
+        let body = match String::from_utf8(bytes.to_vec()) {
+            Ok(text) => Body::Text(text),
+            Err(_) => Body::Binary(bytes.to_vec()),
+        };
+        Response::from_parts(parts, body)
+    }
+
+    /// `GET /?query=`: the original chatbot's interface.
+    async fn ask(&self, request: &Request) -> Response<Reply> {
         let started = Instant::now();
-        let result = self.route(&request).await;
+        let result = self.route(request).await;
         let latency_ms = started.elapsed().as_millis() as u64;
         match result {
             Ok(answer) => {
@@ -126,7 +220,7 @@ impl<C: Clock> App<C> {
     }
 }
 
-fn answered(answer: &Answer) -> Response<Body> {
+fn answered(answer: &Answer) -> Response<Reply> {
     let c = &answer.completion;
     let mut response = json_response(
         StatusCode::OK,
@@ -137,15 +231,20 @@ fn answered(answer: &Answer) -> Response<Body> {
             usage: &c.usage,
         },
     );
-    let headers = response.headers_mut();
-    if let Ok(v) = HeaderValue::from_str(&answer.deployment) {
-        headers.insert("x-fallback-deployment", v);
-    }
-    headers.insert("x-fallback-attempts", HeaderValue::from(answer.calls()));
+    fallback_headers(&mut response, &answer.deployment, answer.calls());
     response
 }
 
-fn error_response(error: &RequestError) -> Response<Body> {
+/// Who answered, and after how many deployments were called.
+pub(crate) fn fallback_headers<B>(response: &mut Response<B>, deployment: &str, calls: usize) {
+    let headers = response.headers_mut();
+    if let Ok(v) = HeaderValue::from_str(deployment) {
+        headers.insert("x-fallback-deployment", v);
+    }
+    headers.insert("x-fallback-attempts", HeaderValue::from(calls));
+}
+
+fn error_response(error: &RequestError) -> Response<Reply> {
     let message = error.to_string();
     match error {
         RequestError::MissingQuery | RequestError::QueryTooLong { .. } => {
@@ -191,10 +290,10 @@ fn error_response(error: &RequestError) -> Response<Body> {
     }
 }
 
-fn json_response(status: StatusCode, body: &impl Serialize) -> Response<Body> {
+pub(crate) fn json_response(status: StatusCode, body: &impl Serialize) -> Response<Reply> {
     // Serialising these plain structures cannot fail; an empty object is the safe fallback.
     let bytes = serde_json::to_vec(body).unwrap_or_else(|_| b"{}".to_vec());
-    let mut response = Response::new(Body::from(bytes));
+    let mut response = Response::new(Reply::Full(Some(Bytes::from(bytes))));
     *response.status_mut() = status;
     response.headers_mut().insert(
         header::CONTENT_TYPE,

@@ -20,6 +20,10 @@ pub const DEFAULT_DEADLINE_MARGIN_MS: u64 = 500;
 pub const DEFAULT_MAX_QUERY_CHARS: usize = 4_000;
 pub const DEFAULT_CIRCUIT_FAILURES: u32 = 3;
 pub const DEFAULT_CIRCUIT_OPEN_MS: u64 = 30_000;
+pub const DEFAULT_FIRST_TOKEN_TIMEOUT_MS: u64 = 6_000;
+pub const DEFAULT_STREAM_IDLE_TIMEOUT_MS: u64 = 10_000;
+/// Lambda's own request payload limit is 6 MB; a chat request is far smaller.
+pub const DEFAULT_MAX_BODY_BYTES: usize = 1024 * 1024;
 
 /// The Azure key: kept out of `Debug`/`Display` so it cannot leak through a log line or error.
 #[derive(Clone)]
@@ -56,6 +60,15 @@ pub struct Config {
     pub circuit_failures: u32,
     /// How long an open circuit keeps a deployment out before one probe is let through.
     pub circuit_open: Duration,
+    /// A stream that has sent no content this long after its request is a failed attempt.
+    pub first_token_timeout: Duration,
+    /// A stream that sends nothing this long once it has started is cut.
+    pub stream_idle_timeout: Duration,
+    /// Largest accepted request body on the OpenAI-compatible routes.
+    pub max_body_bytes: usize,
+    /// Run under Lambda response streaming (a Function URL with InvokeMode RESPONSE_STREAM)
+    /// rather than returning one buffered response per invocation.
+    pub response_streaming: bool,
 }
 
 impl Config {
@@ -134,6 +147,29 @@ impl Config {
         let throttle_cooldown = millis(&get, "THROTTLE_COOLDOWN_MS", DEFAULT_THROTTLE_COOLDOWN_MS)?;
         let deadline_margin = millis(&get, "DEADLINE_MARGIN_MS", DEFAULT_DEADLINE_MARGIN_MS)?;
         let circuit_open = millis(&get, "CIRCUIT_OPEN_MS", DEFAULT_CIRCUIT_OPEN_MS)?;
+        let first_token_timeout = millis(
+            &get,
+            "FIRST_TOKEN_TIMEOUT_MS",
+            DEFAULT_FIRST_TOKEN_TIMEOUT_MS,
+        )?;
+        let stream_idle_timeout = millis(
+            &get,
+            "STREAM_IDLE_TIMEOUT_MS",
+            DEFAULT_STREAM_IDLE_TIMEOUT_MS,
+        )?;
+        let max_body_bytes = count(&get, "MAX_BODY_BYTES", DEFAULT_MAX_BODY_BYTES)?;
+        let response_streaming = match get("RESPONSE_MODE").as_deref() {
+            None | Some("buffered") => false,
+            Some("streaming") => true,
+            Some(other) => {
+                return Err(ConfigError::Invalid {
+                    var: "RESPONSE_MODE",
+                    reason: format!(
+                        "{other:?}: expected \"buffered\" (API Gateway, ALB) or \"streaming\" (Function URL with RESPONSE_STREAM)"
+                    ),
+                });
+            }
+        };
         if attempt_timeout > request_timeout {
             return Err(ConfigError::Invalid {
                 var: "ATTEMPT_TIMEOUT_MS",
@@ -157,6 +193,10 @@ impl Config {
             max_query_chars,
             circuit_failures: u32::try_from(circuit_failures).unwrap_or(u32::MAX),
             circuit_open,
+            first_token_timeout,
+            stream_idle_timeout,
+            max_body_bytes,
+            response_streaming,
         })
     }
 }

@@ -32,6 +32,9 @@ pub struct Attempt {
     /// Whether a single 500 or reset was retried once on the same deployment.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub retried: bool,
+    /// Azure's error code, for answers that were refusals.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub code: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
 }
@@ -45,6 +48,7 @@ impl Attempt {
             ms: 0,
             retry_after_ms: wait.map(millis),
             retried: false,
+            code: None,
             message: None,
         }
     }
@@ -301,6 +305,7 @@ impl<C: Clock> App<C> {
             ms: millis(started.elapsed()),
             retry_after_ms: None,
             retried,
+            code: None,
             message: None,
         };
         let event = match result {
@@ -338,12 +343,17 @@ impl<C: Clock> App<C> {
                     message,
                 } => {
                     attempt.message = Some(misconfiguration_hint(*status, code, message));
+                    attempt.code = Some(code.clone()).filter(|c| !c.is_empty());
                     "misconfigured"
                 }
                 Outcome::ContentFiltered(_) => "content_filter",
-                Outcome::ContextLengthExceeded { .. } => "context_length_exceeded",
-                Outcome::Rejected { message, .. } => {
+                Outcome::ContextLengthExceeded { .. } => {
+                    attempt.code = Some("context_length_exceeded".into());
+                    "context_length_exceeded"
+                }
+                Outcome::Rejected { message, code, .. } => {
                     attempt.message = Some(message.clone());
+                    attempt.code = Some(code.clone()).filter(|c| !c.is_empty());
                     "rejected"
                 }
             };

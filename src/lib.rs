@@ -7,7 +7,9 @@ pub mod config;
 pub mod error;
 pub mod failover;
 pub mod health;
+pub mod openai;
 pub mod pool;
+pub mod stream;
 
 use crate::azure::Upstream;
 use crate::config::Config;

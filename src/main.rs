@@ -2,6 +2,7 @@
 
 use std::convert::Infallible;
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use fallback_chat::App;
 use fallback_chat::config::Config;
@@ -28,15 +29,29 @@ async fn main() -> ExitCode {
     tracing::info!(
         ?deployments,
         default_route = pool.default_route().name,
+        response_streaming = app.config().response_streaming,
         "fallback-chat ready"
     );
 
-    // Lives as long as the execution environment; leaking it lets every invocation borrow it.
-    let app: &'static App = Box::leak(Box::new(app));
-    let handler = service_fn(move |request: Request| async move {
-        Ok::<_, Infallible>(app.handle(request).await)
-    });
-    match lambda_http::run(handler).await {
+    // Built once, shared by every invocation of this execution environment.
+    let app = Arc::new(app);
+    let streaming = app.config().response_streaming;
+    let result = if streaming {
+        // Function URL with InvokeMode RESPONSE_STREAM: frames reach the caller as they come.
+        let handler = service_fn(move |request: Request| {
+            let app = Arc::clone(&app);
+            async move { Ok::<_, Infallible>(app.handle(request).await) }
+        });
+        lambda_http::run_with_streaming_response(handler).await
+    } else {
+        // API Gateway, ALB, buffered Function URLs: one whole response per invocation.
+        let handler = service_fn(move |request: Request| {
+            let app = Arc::clone(&app);
+            async move { Ok::<_, Infallible>(app.handle_buffered(request).await) }
+        });
+        lambda_http::run(handler).await
+    };
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             tracing::error!(%error, "Lambda runtime stopped");

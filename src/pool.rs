@@ -69,6 +69,8 @@ pub struct Pool {
     pub routes: Vec<Route>,
     /// Index into `routes` of the route GET /?query= uses.
     pub default_route: usize,
+    /// No routes were named: every requested model is served by the one route.
+    pub open_routes: bool,
 }
 
 impl Pool {
@@ -220,7 +222,8 @@ pub fn parse(
     }
 
     let mut routes = Vec::new();
-    if spec.routes.is_empty() {
+    let open_routes = spec.routes.is_empty();
+    if open_routes {
         routes.push(Route {
             name: "default".into(),
             members: (0..deployments.len()).collect(),
@@ -266,6 +269,7 @@ pub fn parse(
         deployments,
         routes,
         default_route,
+        open_routes,
     })
 }
 
@@ -295,6 +299,7 @@ pub fn ordered(endpoint: String, key: Secret, names: Vec<String>, api_version: &
             members,
         }],
         default_route: 0,
+        open_routes: true,
     }
 }
 

@@ -119,7 +119,7 @@ impl Harness {
         let app = Arc::clone(&self.app);
         let handler = service_fn(move |request: Request| {
             let app = Arc::clone(&app);
-            async move { Ok::<_, Infallible>(app.handle(request).await) }
+            async move { Ok::<_, Infallible>(app.handle_buffered(request).await) }
         });
         let _logs = tracing::subscriber::set_default(self.logs.subscriber());
         // The span the runtime opens around each invocation, carrying the request id.
