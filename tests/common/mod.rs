@@ -139,6 +139,19 @@ impl Harness {
         self.invoke(&http_api_get(Some(query))).await
     }
 
+    /// `POST path` with a JSON body through an HTTP API (v2) event, buffered.
+    pub async fn post(&self, path: &str, body: &Value) -> Reply {
+        self.invoke(&http_api_post(path, &body.to_string())).await
+    }
+
+    /// `POST path` straight into the handler, as response streaming would run it: the
+    /// response arrives when its headers are ready; its body may still be streaming.
+    pub async fn open(&self, path: &str, body: &Value) -> lambda_http::Response<fallback_chat::api::Reply> {
+        let request = lambda_http::request::from_str(&http_api_post(path, &body.to_string()))
+            .expect("a Lambda HTTP event");
+        self.app.handle(request).await
+    }
+
     /// Changes how the emulator answers this deployment from now on.
     pub fn set(&self, deployment: &str, behavior: Behavior) {
         self.emulator.set(deployment, behavior);
@@ -175,6 +188,28 @@ pub fn http_api_get(query: Option<&str>) -> String {
         event["queryStringParameters"] = json!({ "query": q });
     }
     event.to_string()
+}
+
+/// An HTTP API payload v2 event for `POST path` (an optional `?query` included) with `body`.
+pub fn http_api_post(path: &str, body: &str) -> String {
+    let (path, query) = path.split_once('?').unwrap_or((path, ""));
+    json!({
+        "version": "2.0",
+        "routeKey": "$default",
+        "rawPath": path,
+        "rawQueryString": query,
+        "headers": {"content-type": "application/json", "host": "a1b2c3d4e5.execute-api.us-east-1.amazonaws.com"},
+        "requestContext": {
+            "accountId": "123456789012", "apiId": "a1b2c3d4e5",
+            "domainName": "a1b2c3d4e5.execute-api.us-east-1.amazonaws.com", "domainPrefix": "a1b2c3d4e5",
+            "http": {"method": "POST", "path": path, "protocol": "HTTP/1.1", "sourceIp": "203.0.113.10", "userAgent": "test"},
+            "requestId": "test", "routeKey": "$default", "stage": "$default",
+            "time": "24/Nov/2026:14:31:07 +0000", "timeEpoch": 1795530667123u64
+        },
+        "body": body,
+        "isBase64Encoded": false
+    })
+    .to_string()
 }
 
 fn urlencode(s: &str) -> String {
