@@ -7,12 +7,14 @@ source scripts/lib.sh
 
 EMULATOR_PORT=$(free_port)
 PORT=$(free_port)
+STREAM_PORT=$(free_port)
 LOG=$(mktemp -t fallback-chat-e2e.XXXXXX)
-WATCH_PGID=""
+WATCH_PGID="" STREAM_PGID=""
 cleanup() {
   [[ -n "$WATCH_PGID" ]] && kill -- "-$WATCH_PGID" 2>/dev/null || true
+  [[ -n "$STREAM_PGID" ]] && kill -- "-$STREAM_PGID" 2>/dev/null || true
   [[ -n "${EMULATOR_PID:-}" ]] && kill "$EMULATOR_PID" 2>/dev/null || true
-  rm -f "$ENV_FILE"
+  rm -f "$ENV_FILE" "$ENV_FILE.stream"
 }
 ENV_FILE=$(mktemp)
 trap cleanup EXIT
@@ -27,8 +29,16 @@ printf 'AZURE_OPENAI_ENDPOINT=http://127.0.0.1:%s\nAZURE_OPENAI_API_KEY=emulator
 setsid timeout 900 cargo lambda watch --invoke-address 127.0.0.1 --invoke-port "$PORT" \
   --bin fallback-chat --env-file "$ENV_FILE" --ignore-changes >"$LOG" 2>&1 &
 WATCH_PGID=$!
+# The same binary in streaming mode, as behind the Function URL with RESPONSE_STREAM.
+sed 's/^RESPONSE_MODE=.*//' "$ENV_FILE" > "$ENV_FILE.stream"
+echo "RESPONSE_MODE=streaming" >> "$ENV_FILE.stream"
+setsid timeout 900 cargo lambda watch --invoke-address 127.0.0.1 --invoke-port "$STREAM_PORT" \
+  --bin fallback-chat --env-file "$ENV_FILE.stream" --ignore-changes >"$LOG.stream" 2>&1 &
+STREAM_PGID=$!
 BASE="http://127.0.0.1:$PORT"
+STREAM_BASE="http://127.0.0.1:$STREAM_PORT"
 if ! wait_for "$BASE/" 300; then cat "$LOG"; exit 1; fi
+if ! wait_for "$STREAM_BASE/" 300; then cat "$LOG.stream"; exit 1; fi
 
 passed=0 failed=0
 check() { # check NAME EXPECTED ACTUAL
@@ -68,10 +78,19 @@ for source in rest-api http-api function-url alb; do
 done
 rm -f "$LOG.h"
 
+# The official openai SDK, OpenAI and AzureOpenAI clients, streaming and not, in both modes.
+for base in "$STREAM_BASE" "$BASE"; do
+  mode=$([[ "$base" == "$STREAM_BASE" ]] && echo streaming || echo buffered)
+  echo "--- openai SDK against the $mode function"
+  if python tests/e2e/openai_clients.py "$base"; then result=ok; else result=failed; fi
+  check "openai SDK clients, $mode mode" ok "$result"
+done
+
 if ((failed > 0)); then
   echo "--- cargo lambda watch log ---"; cat "$LOG"
+  echo "--- cargo lambda watch (streaming) log ---"; cat "$LOG.stream"
   echo "--- emulator log ---"; cat "$LOG.emulator"
 fi
-rm -f "$LOG" "$LOG.emulator"
+rm -f "$LOG" "$LOG.emulator" "$LOG.stream"
 echo "$passed passed, $failed failed"
 ((failed == 0))

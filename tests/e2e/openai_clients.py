@@ -1,0 +1,117 @@
+"""The official openai Python SDK, unchanged, against fallback-chat under `cargo lambda watch`.
+
+Usage: python openai_clients.py BASE_URL   (e.g. http://127.0.0.1:9000)
+
+The emulator behind the function has gpt-4o throttled and gpt-35-turbo healthy, so every
+answer must come complete from gpt-35-turbo. Prints one line per check and a closing
+"N passed, N failed" line; exits non-zero on any failure.
+"""
+
+import sys
+import traceback
+
+from openai import AzureOpenAI, OpenAI
+
+BASE = sys.argv[1].rstrip("/")
+KEY = sys.argv[2] if len(sys.argv) > 2 else "not-checked-by-this-function"
+QUESTION = "How do I reset my password?"
+EXPECTED = f"[gpt-35-turbo] You said: {QUESTION}"
+MESSAGES = [
+    {"role": "system", "content": "You are a helpful assistant."},
+    {"role": "user", "content": QUESTION},
+]
+
+openai_client = OpenAI(base_url=f"{BASE}/v1", api_key=KEY, max_retries=0, timeout=30)
+azure_client = AzureOpenAI(
+    azure_endpoint=BASE, api_version="2024-10-21", api_key=KEY, max_retries=0, timeout=30
+)
+
+results = []
+
+
+def check(name):
+    def run(fn):
+        try:
+            fn()
+            results.append(True)
+            print(f"ok   {name}")
+        except Exception:  # report every failure, then go on
+            results.append(False)
+            print(f"FAIL {name}")
+            traceback.print_exc()
+        return fn
+
+    return run
+
+
+def collect(stream):
+    text, chunks, usage, finish = [], 0, None, None
+    for chunk in stream:
+        chunks += 1
+        if chunk.usage is not None:
+            usage = chunk.usage
+        for choice in chunk.choices:
+            if choice.delta.content:
+                text.append(choice.delta.content)
+            if choice.finish_reason:
+                finish = choice.finish_reason
+    return "".join(text), chunks, usage, finish
+
+
+@check("OpenAI client, buffered: the whole answer, from the healthy deployment")
+def _():
+    raw = openai_client.chat.completions.with_raw_response.create(model="gpt-4o", messages=MESSAGES)
+    completion = raw.parse()
+    assert completion.choices[0].message.content == EXPECTED, completion
+    assert completion.model == "gpt-35-turbo-0125", completion.model
+    assert completion.usage.total_tokens > 0
+    assert raw.headers["x-fallback-deployment"] == "gpt-35-turbo", dict(raw.headers)
+
+
+@check("OpenAI client, streaming: every piece, a finish_reason and the usage")
+def _():
+    stream = openai_client.chat.completions.create(
+        model="gpt-4o",
+        messages=MESSAGES,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    text, chunks, usage, finish = collect(stream)
+    assert text == EXPECTED, text
+    assert chunks > 3, chunks
+    assert finish == "stop", finish
+    assert usage is not None and usage.total_tokens > 0, usage
+
+
+@check("AzureOpenAI client, buffered")
+def _():
+    completion = azure_client.chat.completions.create(model="gpt-4o", messages=MESSAGES)
+    assert completion.choices[0].message.content == EXPECTED, completion
+    assert completion.model == "gpt-35-turbo-0125", completion.model
+
+
+@check("AzureOpenAI client, streaming")
+def _():
+    stream = azure_client.chat.completions.create(model="gpt-4o", messages=MESSAGES, stream=True)
+    text, _, _, finish = collect(stream)
+    assert text == EXPECTED, text
+    assert finish == "stop", finish
+
+
+@check("OpenAI client: a bad request is an ordinary SDK error")
+def _():
+    from openai import BadRequestError
+
+    try:
+        openai_client.chat.completions.create(model="gpt-4o", messages=[])
+    except BadRequestError as e:
+        assert e.status_code == 400
+        assert e.body["code"] == "invalid_type", e.body
+    else:
+        raise AssertionError("no error for an empty messages list")
+
+
+passed = sum(results)
+failed = len(results) - passed
+print(f"{passed} passed, {failed} failed")
+sys.exit(1 if failed else 0)
