@@ -32,8 +32,8 @@ pub struct ApiError {
 }
 
 impl ApiError {
-    fn new(status: StatusCode, kind: &'static str, message: impl Into<String>) -> Self {
-        Self {
+    fn new(status: StatusCode, kind: &'static str, message: impl Into<String>) -> Box<Self> {
+        Box::new(Self {
             status,
             message: message.into(),
             kind,
@@ -42,10 +42,10 @@ impl ApiError {
             extra: Map::new(),
             retry_after: None,
             allow: None,
-        }
+        })
     }
 
-    fn invalid(message: impl Into<String>, param: Option<&'static str>, code: &str) -> Self {
+    fn invalid(message: impl Into<String>, param: Option<&'static str>, code: &str) -> Box<Self> {
         let mut e = Self::new(StatusCode::BAD_REQUEST, "invalid_request_error", message);
         e.param = param;
         e.code = Some(code.to_owned());
@@ -53,19 +53,20 @@ impl ApiError {
     }
 
     fn into_response(self) -> Response<Reply> {
+        let this = self;
         let mut error = Map::new();
-        error.insert("message".into(), Value::String(self.message));
-        error.insert("type".into(), Value::String(self.kind.into()));
-        error.insert("param".into(), self.param.map_or(Value::Null, Value::from));
-        error.insert("code".into(), self.code.map_or(Value::Null, Value::String));
-        error.extend(self.extra);
-        let mut response = json_response(self.status, &json!({ "error": error }));
-        if let Some(seconds) = self.retry_after {
+        error.insert("message".into(), Value::String(this.message));
+        error.insert("type".into(), Value::String(this.kind.into()));
+        error.insert("param".into(), this.param.map_or(Value::Null, Value::from));
+        error.insert("code".into(), this.code.map_or(Value::Null, Value::String));
+        error.extend(this.extra);
+        let mut response = json_response(this.status, &json!({ "error": error }));
+        if let Some(seconds) = this.retry_after {
             response
                 .headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
         }
-        if let Some(allow) = self.allow {
+        if let Some(allow) = this.allow {
             response
                 .headers_mut()
                 .insert(header::ALLOW, HeaderValue::from_static(allow));
@@ -74,7 +75,7 @@ impl ApiError {
     }
 }
 
-impl From<RequestError> for ApiError {
+impl From<RequestError> for Box<ApiError> {
     fn from(error: RequestError) -> Self {
         match error {
             RequestError::ContentFiltered { deployment, filter } => {
@@ -99,7 +100,7 @@ impl From<RequestError> for ApiError {
 /// Nothing answered. When every deployment that was called refused the request itself (a 400
 /// such as an unsupported parameter, or a context too long for all of them), that refusal is
 /// the answer; otherwise a 503 with when to come back.
-fn unavailable(exhausted: Exhausted) -> ApiError {
+fn unavailable(exhausted: Exhausted) -> Box<ApiError> {
     let called: Vec<_> = exhausted.attempts.iter().filter(|a| a.called()).collect();
     let refused =
         |a: &&crate::failover::Attempt| matches!(a.outcome, "rejected" | "context_length_exceeded");
@@ -142,7 +143,7 @@ impl<C: Clock> App<C> {
         let started = Instant::now();
         let response = match self.openai(request, path_route).await {
             Ok(response) => response,
-            Err(error) => error.into_response(),
+            Err(error) => (*error).into_response(),
         };
         tracing::info!(
             status = response.status().as_u16(),
@@ -161,7 +162,7 @@ impl<C: Clock> App<C> {
         self: &Arc<Self>,
         request: &Request,
         path_route: Option<&str>,
-    ) -> Result<Response<Reply>, ApiError> {
+    ) -> Result<Response<Reply>, Box<ApiError>> {
         if request.method() != Method::POST {
             let mut e = ApiError::new(
                 StatusCode::METHOD_NOT_ALLOWED,
@@ -232,7 +233,11 @@ impl<C: Clock> App<C> {
 
     /// The route a request names: the Azure path's deployment, else the body's `model`. A pool
     /// without named routes serves every model from its one route.
-    fn route_for(&self, path_route: Option<&str>, body: &ChatBody) -> Result<&Route, ApiError> {
+    fn route_for(
+        &self,
+        path_route: Option<&str>,
+        body: &ChatBody,
+    ) -> Result<&Route, Box<ApiError>> {
         let pool = &self.config.pool;
         let name = path_route.or_else(|| body.get("model").and_then(Value::as_str));
         match name {
@@ -259,7 +264,7 @@ impl<C: Clock> App<C> {
     }
 }
 
-fn check_messages(body: &ChatBody) -> Result<(), ApiError> {
+fn check_messages(body: &ChatBody) -> Result<(), Box<ApiError>> {
     let messages = match body.get("messages") {
         None | Some(Value::Null) => {
             return Err(ApiError::invalid(

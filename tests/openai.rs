@@ -27,9 +27,15 @@ async fn the_body_passes_through_untouched_and_the_answer_comes_back_as_sent() {
     let reply = h.post("/v1/chat/completions", &sent).await;
     assert_eq!(reply.status, 200, "{:?}", reply.body);
     assert_eq!(reply.body["object"], "chat.completion");
-    assert_eq!(reply.body["model"], "gpt-4o-2024-08-06", "the model that really answered");
+    assert_eq!(
+        reply.body["model"], "gpt-4o-2024-08-06",
+        "the model that really answered"
+    );
     assert!(reply.body["usage"]["total_tokens"].as_u64().unwrap() > 0);
-    assert!(reply.body["prompt_filter_results"].is_array(), "Azure's own fields are kept");
+    assert!(
+        reply.body["prompt_filter_results"].is_array(),
+        "Azure's own fields are kept"
+    );
     assert_eq!(reply.header("x-fallback-deployment"), Some("gpt-4o"));
 
     let received = &h.emulator.requests("gpt-4o")[0];
@@ -94,13 +100,21 @@ async fn the_model_picks_a_named_route_and_an_unknown_one_is_a_404() {
     let reply = h.post("/v1/chat/completions", &chat("mini")).await;
     assert_eq!(reply.header("x-fallback-deployment"), Some("small"));
     // The v1 deployment gets its own name as `model`, whatever alias the client used.
-    assert_eq!(h.emulator.requests("gpt-4o-mini")[0].body["model"], "gpt-4o-mini");
+    assert_eq!(
+        h.emulator.requests("gpt-4o-mini")[0].body["model"],
+        "gpt-4o-mini"
+    );
 
     let reply = h.post("/v1/chat/completions", &chat("gpt-5")).await;
     assert_eq!(reply.status, 404);
     assert_eq!(reply.body["error"]["code"], "model_not_found");
     assert_eq!(reply.body["error"]["param"], "model");
-    assert!(reply.body["error"]["message"].as_str().unwrap().contains("chat, mini"));
+    assert!(
+        reply.body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("chat, mini")
+    );
     assert_eq!(h.emulator.total_calls(), 1);
 }
 
@@ -108,11 +122,32 @@ async fn the_model_picks_a_named_route_and_an_unknown_one_is_a_404() {
 async fn bad_requests_get_openai_style_errors_and_cost_nothing_upstream() {
     let h = Harness::with(&[], &[("MAX_BODY_BYTES", "400")]).await;
     let cases: [(String, u16, &str, Value); 5] = [
-        ("{\"model\": \"gpt-4o\", \"messages\": [".into(), 400, "invalid_json", Value::Null),
+        (
+            "{\"model\": \"gpt-4o\", \"messages\": [".into(),
+            400,
+            "invalid_json",
+            Value::Null,
+        ),
         ("[1, 2]".into(), 400, "invalid_json", Value::Null),
-        (json!({"model": "gpt-4o"}).to_string(), 400, "missing_required_parameter", json!("messages")),
-        (json!({"model": "gpt-4o", "messages": "hi"}).to_string(), 400, "invalid_type", json!("messages")),
-        (json!({"model": "gpt-4o", "messages": [{"role": "user", "content": "x".repeat(500)}]}).to_string(), 413, "request_too_large", Value::Null),
+        (
+            json!({"model": "gpt-4o"}).to_string(),
+            400,
+            "missing_required_parameter",
+            json!("messages"),
+        ),
+        (
+            json!({"model": "gpt-4o", "messages": "hi"}).to_string(),
+            400,
+            "invalid_type",
+            json!("messages"),
+        ),
+        (
+            json!({"model": "gpt-4o", "messages": [{"role": "user", "content": "x".repeat(500)}]})
+                .to_string(),
+            413,
+            "request_too_large",
+            Value::Null,
+        ),
     ];
     for (body, status, code, param) in cases {
         let reply = h
@@ -131,7 +166,8 @@ async fn bad_requests_get_openai_style_errors_and_cost_nothing_upstream() {
 #[tokio::test]
 async fn a_get_on_the_chat_route_is_a_405_with_allow_post() {
     let h = Harness::new().await;
-    let mut event: Value = serde_json::from_str(&common::http_api_post("/v1/chat/completions", "")).unwrap();
+    let mut event: Value =
+        serde_json::from_str(&common::http_api_post("/v1/chat/completions", "")).unwrap();
     event["requestContext"]["http"]["method"] = json!("GET");
     let reply = h.invoke(&event.to_string()).await;
     assert_eq!(reply.status, 405);
@@ -148,7 +184,10 @@ async fn a_filtered_prompt_comes_back_as_azure_explains_it() {
     assert_eq!(error["code"], "content_filter");
     assert_eq!(error["param"], "prompt");
     assert_eq!(error["innererror"]["code"], "ResponsibleAIPolicyViolation");
-    assert_eq!(error["innererror"]["content_filter_result"]["hate"]["filtered"], true);
+    assert_eq!(
+        error["innererror"]["content_filter_result"]["hate"]["filtered"],
+        true
+    );
 }
 
 #[tokio::test]
@@ -164,7 +203,12 @@ async fn a_request_too_long_for_every_deployment_is_a_400_not_a_503() {
     let reply = h.post("/v1/chat/completions", &chat("gpt-4o")).await;
     assert_eq!(reply.status, 400);
     assert_eq!(reply.body["error"]["code"], "context_length_exceeded");
-    assert!(reply.body["error"]["message"].as_str().unwrap().contains("maximum context length"));
+    assert!(
+        reply.body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("maximum context length")
+    );
 }
 
 #[tokio::test]
@@ -191,7 +235,11 @@ async fn when_nothing_answers_the_503_is_openai_shaped_with_retry_after() {
 async fn the_new_paths_replay_from_events() {
     for source in ["http-api", "function-url"] {
         let h = Harness::new().await;
-        for (case, status) in [("openai-chat", 200), ("azure-chat", 200), ("openai-invalid-json", 400)] {
+        for (case, status) in [
+            ("openai-chat", 200),
+            ("azure-chat", 200),
+            ("openai-invalid-json", 400),
+        ] {
             let reply = h.invoke(&event(&format!("{source}/{case}.json"))).await;
             assert_eq!(reply.status, status, "{source}/{case}: {:?}", reply.body);
         }

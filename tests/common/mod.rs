@@ -146,7 +146,11 @@ impl Harness {
 
     /// `POST path` straight into the handler, as response streaming would run it: the
     /// response arrives when its headers are ready; its body may still be streaming.
-    pub async fn open(&self, path: &str, body: &Value) -> lambda_http::Response<fallback_chat::api::Reply> {
+    pub async fn open(
+        &self,
+        path: &str,
+        body: &Value,
+    ) -> lambda_http::Response<fallback_chat::api::Reply> {
         let request = lambda_http::request::from_str(&http_api_post(path, &body.to_string()))
             .expect("a Lambda HTTP event");
         self.app.handle(request).await
@@ -248,10 +252,12 @@ pub fn parse_reply(raw: &str) -> Reply {
     assert_ne!(
         v["isBase64Encoded"],
         Value::Bool(true),
-        "JSON bodies are sent as text"
+        "bodies are sent as text"
     );
     let body = if text.is_empty() {
         Value::Null
+    } else if headers.get("content-type").map(String::as_str) == Some("text/event-stream") {
+        Value::String(text.to_owned())
     } else {
         serde_json::from_str(text).unwrap_or_else(|e| panic!("body is not JSON ({e}): {text}"))
     };

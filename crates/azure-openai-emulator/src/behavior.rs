@@ -30,8 +30,27 @@ pub enum Behavior {
     DeploymentNotFound,
     /// 401 as for a wrong key, whatever key was sent.
     Unauthorized,
-    /// 200 with `finish_reason: "content_filter"` and no content.
+    /// 200 with `finish_reason: "content_filter"` and no content; streamed: a few content chunks,
+    /// then a `content_filter` finish chunk.
     OutputFiltered,
+    /// Streamed: the opening events and `after` content chunks, then a TCP reset (no finish, no
+    /// `[DONE]`). Non-streaming calls: as [`Behavior::Healthy`], like every `Stream*` variant.
+    StreamCut { after: usize },
+    /// Streamed: the opening events and `after` content chunks, then silence with the connection
+    /// open (until the client goes away or the emulator stops).
+    StreamStall { after: usize },
+    /// Streamed: a full stream with a malformed event and a valid non-chunk event
+    /// (`{"unexpected":true}`) right before content chunk `at` (0-based; past the end: before the
+    /// finish chunk).
+    StreamCorrupt { at: usize },
+    /// Streamed: a full stream with its `stop` chunk, but the body ends cleanly without `[DONE]`.
+    StreamNoDone,
+    /// Streamed: headers and Azure's `prompt_filter_results` event at once, then `ms` milliseconds
+    /// of silence before the role chunk (a slow time to first token).
+    StreamSlowStart { ms: u64 },
+    /// Streamed: a normal stream with Azure's asynchronous-filter event (`content_filter_offsets`,
+    /// empty `id`) after the second content chunk.
+    StreamAsyncFilter,
 }
 
 /// Which timing headers a 429 carries.
@@ -68,7 +87,9 @@ impl RetryAfter {
 const VALID_FORMS: &str = "healthy, throttled, throttled:<secs>, throttled-ms:<ms>, \
 throttled-date:<secs>, throttled-reset:<secs>, throttled-reset-tokens:<secs>, throttled-none, \
 500|server-error, 503|unavailable, 503:<secs>|unavailable:<secs>, 408|timeout, hang, reset, \
-content-filter, context-length, not-found, 401|unauthorized, output-filtered";
+content-filter, context-length, not-found, 401|unauthorized, output-filtered, stream-cut:<chunks>, \
+stream-stall:<chunks>, stream-corrupt:<index>, stream-no-done, stream-slow-start:<ms>, \
+stream-async-filter";
 
 impl FromStr for Behavior {
     type Err = String;
@@ -82,6 +103,8 @@ impl FromStr for Behavior {
         let bad = || format!("unknown behaviour {s:?}; valid forms: {VALID_FORMS}");
         let num =
             || -> Result<u64, String> { arg.ok_or_else(bad)?.trim().parse().map_err(|_| bad()) };
+        let count =
+            || -> Result<usize, String> { arg.ok_or_else(bad)?.trim().parse().map_err(|_| bad()) };
         let plain = |b: Behavior| if arg.is_none() { Ok(b) } else { Err(bad()) };
         match name.to_ascii_lowercase().as_str() {
             "healthy" => plain(Behavior::Healthy),
@@ -103,6 +126,12 @@ impl FromStr for Behavior {
             "not-found" => plain(Behavior::DeploymentNotFound),
             "401" | "unauthorized" => plain(Behavior::Unauthorized),
             "output-filtered" => plain(Behavior::OutputFiltered),
+            "stream-cut" => Ok(Behavior::StreamCut { after: count()? }),
+            "stream-stall" => Ok(Behavior::StreamStall { after: count()? }),
+            "stream-corrupt" => Ok(Behavior::StreamCorrupt { at: count()? }),
+            "stream-no-done" => plain(Behavior::StreamNoDone),
+            "stream-slow-start" => Ok(Behavior::StreamSlowStart { ms: num()? }),
+            "stream-async-filter" => plain(Behavior::StreamAsyncFilter),
             _ => Err(bad()),
         }
     }
@@ -132,6 +161,12 @@ impl fmt::Display for Behavior {
             Behavior::DeploymentNotFound => f.write_str("not-found"),
             Behavior::Unauthorized => f.write_str("unauthorized"),
             Behavior::OutputFiltered => f.write_str("output-filtered"),
+            Behavior::StreamCut { after } => write!(f, "stream-cut:{after}"),
+            Behavior::StreamStall { after } => write!(f, "stream-stall:{after}"),
+            Behavior::StreamCorrupt { at } => write!(f, "stream-corrupt:{at}"),
+            Behavior::StreamNoDone => f.write_str("stream-no-done"),
+            Behavior::StreamSlowStart { ms } => write!(f, "stream-slow-start:{ms}"),
+            Behavior::StreamAsyncFilter => f.write_str("stream-async-filter"),
         }
     }
 }

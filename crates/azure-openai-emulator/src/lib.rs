@@ -1,6 +1,7 @@
 //! A small, real HTTP server on 127.0.0.1 speaking Azure OpenAI's chat-completions wire format,
 //! scriptable per deployment: healthy answers, 429s with each `retry-after` header variant,
-//! 5xx, content filtering, hangs and connection resets.
+//! 5xx, content filtering, hangs and connection resets, and for `"stream": true` requests
+//! Azure-style server-sent events that can be cut, stalled, corrupted or left without `[DONE]`.
 //!
 //! ```no_run
 //! use azure_openai_emulator::{Behavior, Emulator, RetryAfter};
@@ -23,6 +24,11 @@
 //! or `Authorization: Bearer KEY`. Every call is counted and recorded first; then come, in order,
 //! the api-version check (classic route), the key, the deployment (registered?), the body
 //! (`messages`), and only then the deployment's scripted behaviour.
+//!
+//! A streamed answer is `data: <json>\n\n` events: Azure's `prompt_filter_results` event (empty
+//! `id`), a role chunk, one `chat.completion.chunk` per word of the answer, a finish chunk, a usage
+//! chunk if `stream_options.include_usage` is true, then `data: [DONE]`. Error behaviours answer
+//! streamed requests with the same JSON errors as others, before any event.
 
 mod behavior;
 mod server;
@@ -106,6 +112,12 @@ impl Emulator {
     /// Delay added before answering a successful (200) call of `deployment`.
     pub fn set_latency(&self, deployment: &str, latency: Duration) {
         self.shared.lock().entry(deployment).latency = latency;
+    }
+
+    /// Pause between consecutive events of a streamed (`"stream": true`) answer of `deployment`
+    /// (default zero); [`Emulator::set_latency`] still applies before the response headers.
+    pub fn set_chunk_delay(&self, deployment: &str, delay: Duration) {
+        self.shared.lock().entry(deployment).chunk_delay = delay;
     }
 
     /// Values of `x-ratelimit-remaining-requests` / `-tokens` on successful answers
@@ -252,6 +264,7 @@ impl StateInner {
                 steady: None,
                 queue: VecDeque::new(),
                 latency: Duration::ZERO,
+                chunk_delay: Duration::ZERO,
                 model: None,
                 remaining_requests: 99,
                 remaining_tokens: 99_000,
@@ -267,6 +280,7 @@ struct DeploymentState {
     steady: Option<Behavior>,
     queue: VecDeque<Behavior>,
     latency: Duration,
+    chunk_delay: Duration,
     model: Option<String>,
     remaining_requests: u64,
     remaining_tokens: u64,
@@ -279,6 +293,7 @@ pub(crate) struct Plan {
     pub behavior: Behavior,
     pub model: String,
     pub latency: Duration,
+    pub chunk_delay: Duration,
     pub remaining_requests: u64,
     pub remaining_tokens: u64,
 }
@@ -322,6 +337,7 @@ impl Shared {
                 .clone()
                 .unwrap_or_else(|| wire::default_model_version(deployment)),
             latency: d.latency,
+            chunk_delay: d.chunk_delay,
             remaining_requests: d.remaining_requests,
             remaining_tokens: d.remaining_tokens,
         })

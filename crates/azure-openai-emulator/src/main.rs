@@ -8,12 +8,21 @@ use std::time::Duration;
 use azure_openai_emulator::{Behavior, Emulator};
 
 const USAGE: &str = "usage: azure-openai-emulator [--host 127.0.0.1] [--port 8080] [--api-key KEY]
-                             [--deployment NAME=BEHAVIOR]... [--latency-ms N] [--exit-after SECS]
+                             [--deployment NAME=BEHAVIOR]... [--latency-ms N] [--chunk-delay-ms N]
+                             [--exit-after SECS]
   defaults: --deployment gpt-4o=healthy --deployment gpt-35-turbo=healthy, key emulator-key
+  --chunk-delay-ms: pause between the events of streamed (\"stream\": true) answers, default 0
   BEHAVIOR: healthy, throttled, throttled:<secs>, throttled-ms:<ms>, throttled-date:<secs>,
             throttled-reset:<secs>, throttled-reset-tokens:<secs>, throttled-none, 500|server-error,
             503|unavailable, 503:<secs>, 408|timeout, hang, reset, content-filter, context-length,
-            not-found, 401|unauthorized, output-filtered";
+            not-found, 401|unauthorized, output-filtered
+  stream failures (\"stream\": true requests only; other requests get healthy answers):
+            stream-cut:<chunks>      <chunks> content chunks, then a TCP reset, no [DONE]
+            stream-stall:<chunks>    <chunks> content chunks, then silence, connection open
+            stream-corrupt:<index>   a malformed event before content chunk <index>, then the rest
+            stream-no-done           a complete stream that ends without data: [DONE]
+            stream-slow-start:<ms>   the first event at once, the role chunk <ms> later
+            stream-async-filter      Azure's content_filter_offsets event after the 2nd chunk";
 
 struct Args {
     host: IpAddr,
@@ -21,6 +30,7 @@ struct Args {
     api_key: String,
     deployments: Vec<(String, Behavior)>,
     latency: Duration,
+    chunk_delay: Duration,
     exit_after: Option<Duration>,
 }
 
@@ -31,6 +41,7 @@ fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Option<Args>, St
         api_key: "emulator-key".to_owned(),
         deployments: Vec::new(),
         latency: Duration::ZERO,
+        chunk_delay: Duration::ZERO,
         exit_after: None,
     };
     while let Some(flag) = args.next() {
@@ -63,6 +74,7 @@ fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Option<Args>, St
                 out.deployments.push((name.to_owned(), behavior.parse()?));
             }
             "--latency-ms" => out.latency = Duration::from_millis(number(&value)?),
+            "--chunk-delay-ms" => out.chunk_delay = Duration::from_millis(number(&value)?),
             "--exit-after" => out.exit_after = Some(Duration::from_secs(number(&value)?)),
             _ => return Err(format!("unknown option {flag:?}")),
         }
@@ -109,6 +121,7 @@ async fn main() -> ExitCode {
     };
     for (name, _) in &args.deployments {
         emulator.set_latency(name, args.latency);
+        emulator.set_chunk_delay(name, args.chunk_delay);
     }
 
     let listed: Vec<String> = args
@@ -177,6 +190,8 @@ mod tests {
             "a=hang",
             "--latency-ms",
             "5",
+            "--chunk-delay-ms",
+            "7",
             "--exit-after",
             "3",
         ])
@@ -185,6 +200,7 @@ mod tests {
         .expect("flags");
         assert_eq!(args.port, 9000);
         assert_eq!(args.deployments, [("a".to_owned(), Behavior::Hang)]);
+        assert_eq!(args.chunk_delay, Duration::from_millis(7));
         assert_eq!(
             (args.latency, args.exit_after),
             (Duration::from_millis(5), Some(Duration::from_secs(3)))

@@ -1,27 +1,30 @@
 //! The accept loop, per-connection serving (with abrupt reset) and the chat-completions handlers.
 
 use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::Router;
 use axum::body::{Body, Bytes};
 use axum::extract::{Extension, Path, State};
 use axum::http::header::{AUTHORIZATION, CONTENT_TYPE};
-use axum::http::{HeaderMap, HeaderValue, Request, Uri};
+use axum::http::{HeaderMap, HeaderValue, Request, StatusCode, Uri};
 use axum::response::Response;
 use axum::routing::post;
-use hyper::body::Incoming;
+use hyper::body::{Frame, Incoming};
 use hyper_util::rt::TokioIo;
 use serde_json::Value;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Notify;
+use tokio::sync::{Notify, mpsc};
 use tokio::task::JoinSet;
 use tower_service::Service;
 
 use crate::behavior::Behavior;
-use crate::wire::{self, Completion, Reply};
-use crate::{RecordedRequest, Shared};
+use crate::wire::{self, Completion, Reply, StreamEvents};
+use crate::{Plan, RecordedRequest, Shared};
 
 /// Lets a handler ask its connection task to drop the TCP connection with an RST.
 #[derive(Clone)]
@@ -210,16 +213,154 @@ async fn handle(
             conn.0.notify_one();
             std::future::pending().await
         }
-        // Healthy or OutputFiltered: a completion
+        // Healthy, OutputFiltered or a stream behaviour: a completion
         _ => {
             let filtered = plan.behavior == Behavior::OutputFiltered;
             let completion = Completion::new(deployment, &plan.model, messages, filtered);
+            let flag = |pointer| body.as_ref().and_then(|b| b.pointer(pointer)) == Some(&TRUE);
+            let (stream, include_usage) = (flag("/stream"), flag("/stream_options/include_usage"));
             if !plan.latency.is_zero() {
                 tokio::time::sleep(plan.latency).await;
+            }
+            if stream {
+                shared.log(name, &label, "200 stream");
+                let events = completion.stream_events(include_usage);
+                return stream_response(events, &plan, conn.clone());
             }
             let reply = completion.reply(plan.remaining_requests, plan.remaining_tokens);
             finish(shared, name, &label, reply)
         }
+    }
+}
+
+const TRUE: Value = Value::Bool(true);
+
+/// A 200 `text/event-stream` fed by a spawned task that acts out the plan's behaviour.
+fn stream_response(events: StreamEvents, plan: &Plan, conn: ConnHandle) -> Response {
+    // Capacity 1: once the sender can reserve again, hyper has taken the previous event.
+    let (tx, rx) = mpsc::channel(1);
+    let out = Events {
+        tx,
+        delay: plan.chunk_delay,
+        started: false,
+    };
+    tokio::spawn(produce(out, events, plan.behavior.clone(), conn));
+    let headers = vec![
+        ("cache-control", "no-cache".to_owned()),
+        (
+            "x-ratelimit-remaining-requests",
+            plan.remaining_requests.to_string(),
+        ),
+        (
+            "x-ratelimit-remaining-tokens",
+            plan.remaining_tokens.to_string(),
+        ),
+    ];
+    let body = Body::new(EventBody(rx));
+    with_headers(StatusCode::OK, headers, body, "text/event-stream")
+}
+
+/// Sends the events in order with the behaviour's faults; `None` once the body is gone.
+async fn produce(
+    mut out: Events,
+    events: StreamEvents,
+    behavior: Behavior,
+    conn: ConnHandle,
+) -> Option<()> {
+    out.send(events.opening).await?;
+    if let Behavior::StreamSlowStart { ms } = behavior {
+        out.pause(Duration::from_millis(ms)).await?;
+    }
+    out.send(events.role).await?;
+    let count = events.content.len();
+    let stop = match behavior {
+        Behavior::StreamCut { after } | Behavior::StreamStall { after } => after.min(count),
+        _ => count,
+    };
+    for (i, chunk) in events.content.into_iter().enumerate().take(stop) {
+        if behavior == (Behavior::StreamCorrupt { at: i }) {
+            out.send_corrupt().await?;
+        }
+        out.send(chunk).await?;
+        if i == 1 && behavior == Behavior::StreamAsyncFilter {
+            out.send(wire::async_filter_event()).await?;
+        }
+    }
+    match behavior {
+        Behavior::StreamCut { .. } => {
+            // Wait until hyper took the last event, and give it a moment to reach the socket.
+            drop(out.tx.reserve().await.ok()?);
+            out.pause(Duration::from_millis(50)).await?;
+            conn.0.notify_one();
+            // Dropping the sender before the reset would let hyper end the body cleanly.
+            out.tx.closed().await;
+            return None;
+        }
+        Behavior::StreamStall { .. } => {
+            out.tx.closed().await;
+            return None;
+        }
+        Behavior::StreamCorrupt { at } if at >= count => out.send_corrupt().await?,
+        _ => {}
+    }
+    out.send(events.finish).await?;
+    if let Some(usage) = events.usage {
+        out.send(usage).await?;
+    }
+    if behavior != Behavior::StreamNoDone {
+        out.send(wire::DONE).await?;
+    }
+    Some(())
+}
+
+/// The producing end of a streamed body, pausing `delay` between events.
+struct Events {
+    tx: mpsc::Sender<Bytes>,
+    delay: Duration,
+    started: bool,
+}
+
+impl Events {
+    async fn send(&mut self, event: impl Into<Bytes>) -> Option<()> {
+        if std::mem::replace(&mut self.started, true) {
+            self.pause(self.delay).await?;
+        }
+        self.tx.send(event.into()).await.ok()
+    }
+
+    async fn send_corrupt(&mut self) -> Option<()> {
+        for event in wire::CORRUPT_EVENTS {
+            self.send(event).await?;
+        }
+        Some(())
+    }
+
+    /// Sleeps, but gives up (`None`) as soon as the client or the emulator drops the body.
+    async fn pause(&self, duration: Duration) -> Option<()> {
+        if duration.is_zero() {
+            return Some(());
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(duration) => Some(()),
+            _ = self.tx.closed() => None,
+        }
+    }
+}
+
+/// A response body fed one event per frame through a channel; ends cleanly when the sender drops.
+struct EventBody(mpsc::Receiver<Bytes>);
+
+impl hyper::body::Body for EventBody {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        self.0
+            .poll_recv(cx)
+            .map(|event| event.map(|bytes| Ok(Frame::data(bytes))))
     }
 }
 
@@ -228,18 +369,28 @@ fn finish(shared: &Shared, deployment: &str, label: &str, reply: Reply) -> Respo
     respond(reply)
 }
 
-/// Adds the headers every Azure response carries and serialises the body.
 fn respond(reply: Reply) -> Response {
-    let mut response = Response::new(Body::from(reply.body));
-    *response.status_mut() = reply.status;
+    let body = Body::from(reply.body);
+    with_headers(reply.status, reply.headers, body, "application/json")
+}
+
+/// Adds the headers every Azure response carries.
+fn with_headers(
+    status: StatusCode,
+    extra: Vec<(&'static str, String)>,
+    body: Body,
+    content_type: &'static str,
+) -> Response {
+    let mut response = Response::new(body);
+    *response.status_mut() = status;
     let headers = response.headers_mut();
-    headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    headers.insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
     for name in ["x-request-id", "apim-request-id"] {
         if let Ok(v) = HeaderValue::try_from(wire::request_id()) {
             headers.insert(name, v);
         }
     }
-    for (name, value) in reply.headers {
+    for (name, value) in extra {
         if let Ok(v) = HeaderValue::try_from(value) {
             headers.insert(name, v);
         }

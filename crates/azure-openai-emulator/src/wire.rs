@@ -6,7 +6,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use axum::http::StatusCode;
 use serde::Serialize;
-use serde_json::Value;
+use serde_json::{Value, json};
 
 use crate::behavior::{Behavior, RetryAfter};
 
@@ -41,6 +41,8 @@ pub(crate) struct Completion {
     pub model: String,
     /// `None` when the output was filtered.
     pub content: Option<String>,
+    /// The answer, filtered or not (a filtered stream shows its beginning).
+    pub text: String,
     pub finish_reason: &'static str,
     pub prompt_tokens: u64,
     pub completion_tokens: u64,
@@ -65,7 +67,8 @@ impl Completion {
             created: unix_now(),
             model: model.to_owned(),
             completion_tokens: word_count(&answer),
-            content: (!filtered).then_some(answer),
+            content: (!filtered).then(|| answer.clone()),
+            text: answer,
             finish_reason: if filtered { "content_filter" } else { "stop" },
             prompt_tokens,
         }
@@ -75,10 +78,7 @@ impl Completion {
     pub fn reply(&self, remaining_requests: u64, remaining_tokens: u64) -> Reply {
         let output_filter = match self.content {
             Some(_) => FilterResults::SAFE,
-            None => FilterResults {
-                violence: Severity::hit("medium"),
-                ..FilterResults::SAFE
-            },
+            None => FilterResults::VIOLENCE,
         };
         let body = ChatCompletion {
             id: &self.id,
@@ -101,16 +101,126 @@ impl Completion {
                 },
                 content_filter_results: output_filter,
             }],
-            usage: Usage {
-                prompt_tokens: self.prompt_tokens,
-                completion_tokens: self.completion_tokens,
-                total_tokens: self.prompt_tokens + self.completion_tokens,
-            },
+            usage: self.usage(),
         };
         Reply::json(StatusCode::OK, &body)
             .header("x-ratelimit-remaining-requests", remaining_requests)
             .header("x-ratelimit-remaining-tokens", remaining_tokens)
     }
+
+    /// The server-sent events of the streamed form (keys sorted, as Azure sends chunks). A filtered
+    /// answer shows its first half, then a `content_filter` finish chunk.
+    pub fn stream_events(&self, include_usage: bool) -> StreamEvents {
+        let chunk = |choices: Value| {
+            json!({
+                "choices": choices,
+                "created": self.created,
+                "id": self.id,
+                "model": self.model,
+                "object": "chat.completion.chunk",
+                "system_fingerprint": "fp_emu",
+            })
+        };
+        let choice = |delta: Value, finish_reason: Option<&str>, filter: Value| {
+            json!([{
+                "content_filter_results": filter,
+                "delta": delta,
+                "finish_reason": finish_reason,
+                "index": 0,
+                "logprobs": null,
+            }])
+        };
+        let words = words_with_spaces(&self.text);
+        let (shown, finish_filter) = match self.content {
+            Some(_) => (words.len(), json!({})),
+            None => (words.len() / 2, json!(FilterResults::VIOLENCE)),
+        };
+        let usage = include_usage.then(|| {
+            let mut usage = chunk(json!([]));
+            usage["usage"] = json!(self.usage());
+            event(&usage)
+        });
+        StreamEvents {
+            opening: event(&json!({
+                "choices": [],
+                "created": 0,
+                "id": "",
+                "model": "",
+                "object": "",
+                "prompt_filter_results": [PromptFilter {
+                    prompt_index: 0,
+                    content_filter_results: FilterResults::SAFE,
+                }],
+            })),
+            role: event(&chunk(choice(
+                json!({"content": "", "refusal": null, "role": "assistant"}),
+                None,
+                json!({}),
+            ))),
+            content: words[..shown]
+                .iter()
+                .map(|word| {
+                    let safe = json!(FilterResults::SAFE);
+                    event(&chunk(choice(json!({ "content": word }), None, safe)))
+                })
+                .collect(),
+            finish: event(&chunk(choice(
+                json!({}),
+                Some(self.finish_reason),
+                finish_filter,
+            ))),
+            usage,
+        }
+    }
+
+    fn usage(&self) -> Usage {
+        Usage {
+            prompt_tokens: self.prompt_tokens,
+            completion_tokens: self.completion_tokens,
+            total_tokens: self.prompt_tokens + self.completion_tokens,
+        }
+    }
+}
+
+/// A streamed completion's events, each `data: <json>\n\n`, apart so behaviours can act between them.
+pub(crate) struct StreamEvents {
+    /// Azure's first event: empty `choices`, `id` and `model`, with `prompt_filter_results`.
+    pub opening: String,
+    pub role: String,
+    /// One per word of the answer (with its following space).
+    pub content: Vec<String>,
+    pub finish: String,
+    /// With `stream_options.include_usage`: empty `choices` and `usage`.
+    pub usage: Option<String>,
+}
+
+pub(crate) const DONE: &str = "data: [DONE]\n\n";
+
+/// `StreamCorrupt`: an event that is not JSON, then one that is JSON but not a chunk.
+pub(crate) const CORRUPT_EVENTS: [&str; 2] = [
+    "data: {\"choices\":[{\"delta\":{\"content\": BROKEN\n\n",
+    "data: {\"unexpected\":true}\n\n",
+];
+
+/// Azure's asynchronous-filter event: no `id`, only filter results for a span of the output.
+pub(crate) fn async_filter_event() -> String {
+    event(&json!({
+        "choices": [{
+            "index": 0,
+            "finish_reason": null,
+            "delta": {},
+            "content_filter_offsets": {"check_offset": 0, "start_offset": 0, "end_offset": 20},
+            "content_filter_results": FilterResults::SAFE,
+        }],
+        "created": 0,
+        "id": "",
+        "model": "",
+        "object": "",
+    }))
+}
+
+fn event(data: &Value) -> String {
+    format!("data: {data}\n\n")
 }
 
 // Wire structs: serde keeps declaration order, which is Azure's order.
@@ -164,6 +274,11 @@ impl FilterResults {
         sexual: Severity::SAFE,
         violence: Severity::SAFE,
     };
+    /// What a filtered output reports.
+    const VIOLENCE: FilterResults = FilterResults {
+        violence: Severity::hit("medium"),
+        ..FilterResults::SAFE
+    };
 }
 
 #[derive(Serialize)]
@@ -178,7 +293,7 @@ impl Severity {
         severity: "safe",
     };
 
-    fn hit(severity: &'static str) -> Self {
+    const fn hit(severity: &'static str) -> Self {
         Severity {
             filtered: true,
             severity,
@@ -224,6 +339,21 @@ fn content_text(content: Option<&Value>) -> String {
             .join(" "),
         _ => String::new(),
     }
+}
+
+/// `"a b  c"` -> `["a ", "b  ", "c"]`: each word with the whitespace after it.
+fn words_with_spaces(text: &str) -> Vec<&str> {
+    let mut words = Vec::new();
+    let (mut start, mut after_space) = (0, false);
+    for (i, c) in text.char_indices() {
+        if after_space && !c.is_whitespace() {
+            words.push(&text[start..i]);
+            start = i;
+        }
+        after_space = c.is_whitespace();
+    }
+    words.push(&text[start..]);
+    words
 }
 
 fn word_count(s: &str) -> u64 {
@@ -318,7 +448,13 @@ pub(crate) fn error_reply(behavior: &Behavior, api_version: Option<&str>) -> Opt
         Behavior::Healthy
         | Behavior::OutputFiltered
         | Behavior::Hang
-        | Behavior::ResetConnection => {
+        | Behavior::ResetConnection
+        | Behavior::StreamCut { .. }
+        | Behavior::StreamStall { .. }
+        | Behavior::StreamCorrupt { .. }
+        | Behavior::StreamNoDone
+        | Behavior::StreamSlowStart { .. }
+        | Behavior::StreamAsyncFilter => {
             return None;
         }
     })
