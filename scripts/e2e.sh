@@ -19,8 +19,9 @@ cleanup() {
 ENV_FILE=$(mktemp)
 trap cleanup EXIT
 
+# A pause between streamed events shows whether a stream reaches the caller as it is produced.
 start_emulator "$EMULATOR_PORT" 900 --deployment gpt-4o=throttled:7 --deployment gpt-35-turbo=healthy \
-  >>"$LOG.emulator" 2>&1
+  --chunk-delay-ms 60 >>"$LOG.emulator" 2>&1
 printf 'AZURE_OPENAI_ENDPOINT=http://127.0.0.1:%s\nAZURE_OPENAI_API_KEY=emulator-key\nAZURE_OPENAI_DEPLOYMENTS=gpt-4o,gpt-35-turbo\n' \
   "$EMULATOR_PORT" > "$ENV_FILE"
 
@@ -68,12 +69,14 @@ check "curl unknown path" 404 "$(curl -s -o /dev/null -w '%{http_code}' "$BASE/a
 long=$(python3 -c 'print("a" * 4001)')
 check "curl over-long query" 400 "$(curl -s -o /dev/null -w '%{http_code}' "$BASE/?query=$long")"
 
-declare -A expected=([get-query]=200 [get-no-query]=400 [post-root]=405 [unknown-path]=404)
+declare -A expected=([get-query]=200 [get-no-query]=400 [post-root]=405 [unknown-path]=404
+  [openai-chat]=200 [openai-chat-stream]=200 [azure-chat]=200 [openai-invalid-json]=400)
 for source in rest-api http-api function-url alb; do
-  for case in get-query get-no-query post-root unknown-path; do
+  for file in events/"$source"/*.json; do
+    case=$(basename "$file" .json)
     out=$(cargo lambda invoke --invoke-address 127.0.0.1 --invoke-port "$PORT" \
-      --data-file "events/$source/$case.json" fallback-chat 2>&1) || true
-    check "invoke events/$source/$case.json" "${expected[$case]}" "$(json statusCode <<<"$out" 2>/dev/null || echo "$out")"
+      --data-file "$file" fallback-chat 2>&1) || true
+    check "invoke $file" "${expected[$case]}" "$(json statusCode <<<"$out" 2>/dev/null || echo "$out")"
   done
 done
 rm -f "$LOG.h"
@@ -82,7 +85,7 @@ rm -f "$LOG.h"
 for base in "$STREAM_BASE" "$BASE"; do
   mode=$([[ "$base" == "$STREAM_BASE" ]] && echo streaming || echo buffered)
   echo "--- openai SDK against the $mode function"
-  if python tests/e2e/openai_clients.py "$base"; then result=ok; else result=failed; fi
+  if python tests/e2e/openai_clients.py "$base" "$mode"; then result=ok; else result=failed; fi
   check "openai SDK clients, $mode mode" ok "$result"
 done
 

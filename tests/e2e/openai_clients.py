@@ -1,6 +1,6 @@
 """The official openai Python SDK, unchanged, against fallback-chat under `cargo lambda watch`.
 
-Usage: python openai_clients.py BASE_URL   (e.g. http://127.0.0.1:9000)
+Usage: python openai_clients.py BASE_URL [streaming|buffered] [CLIENT_KEY]
 
 The emulator behind the function has gpt-4o throttled and gpt-35-turbo healthy, so every
 answer must come complete from gpt-35-turbo. Prints one line per check and a closing
@@ -12,8 +12,11 @@ import traceback
 
 from openai import AzureOpenAI, OpenAI
 
+import time
+
 BASE = sys.argv[1].rstrip("/")
-KEY = sys.argv[2] if len(sys.argv) > 2 else "not-checked-by-this-function"
+MODE = sys.argv[2] if len(sys.argv) > 2 else "buffered"
+KEY = sys.argv[3] if len(sys.argv) > 3 else "not-checked-by-this-function"
 QUESTION = "How do I reset my password?"
 EXPECTED = f"[gpt-35-turbo] You said: {QUESTION}"
 MESSAGES = [
@@ -96,6 +99,21 @@ def _():
     text, _, _, finish = collect(stream)
     assert text == EXPECTED, text
     assert finish == "stop", finish
+
+
+if MODE == "streaming":
+
+    @check("streaming mode: the first piece arrives while the rest is still being produced")
+    def _():
+        # The emulator pauses 60 ms between events: a relayed stream spreads them out.
+        started = time.monotonic()
+        arrivals = []
+        stream = openai_client.chat.completions.create(model="gpt-4o", messages=MESSAGES, stream=True)
+        for chunk in stream:
+            if chunk.choices and chunk.choices[0].delta.content:
+                arrivals.append(time.monotonic() - started)
+        assert len(arrivals) >= 5, arrivals
+        assert arrivals[-1] - arrivals[0] > 0.2, arrivals
 
 
 @check("OpenAI client: a bad request is an ordinary SDK error")
