@@ -69,6 +69,12 @@ pub struct Config {
     /// Run under Lambda response streaming (a Function URL with InvokeMode RESPONSE_STREAM)
     /// rather than returning one buffered response per invocation.
     pub response_streaming: bool,
+    /// `CLIENT_API_KEYS` as given: keys separated by commas or newlines, or a reference to a
+    /// Secrets Manager secret or SSM SecureString holding them.
+    pub client_keys: Option<Secret>,
+    /// What authenticates callers in front of the function, when something does:
+    /// `iam` (Function URL with AWS_IAM) or `authorizer` (an API Gateway authorizer).
+    pub auth_in_front: Option<&'static str>,
 }
 
 impl Config {
@@ -158,6 +164,23 @@ impl Config {
             DEFAULT_STREAM_IDLE_TIMEOUT_MS,
         )?;
         let max_body_bytes = count(&get, "MAX_BODY_BYTES", DEFAULT_MAX_BODY_BYTES)?;
+        let client_keys = get("CLIENT_API_KEYS").map(Secret::new);
+        let auth_in_front = match get("AUTH_PROVIDED_BY").as_deref() {
+            None => None,
+            Some("iam") => Some("iam"),
+            Some("authorizer") => Some("authorizer"),
+            Some(other) => {
+                return Err(ConfigError::Invalid {
+                    var: "AUTH_PROVIDED_BY",
+                    reason: format!(
+                        "{other:?}: expected \"iam\" (the Function URL uses AWS_IAM auth) or \"authorizer\" (an API Gateway authorizer)"
+                    ),
+                });
+            }
+        };
+        if client_keys.is_none() && auth_in_front.is_none() {
+            return Err(ConfigError::Closed);
+        }
         let response_streaming = match get("RESPONSE_MODE").as_deref() {
             None | Some("buffered") => false,
             Some("streaming") => true,
@@ -197,6 +220,8 @@ impl Config {
             stream_idle_timeout,
             max_body_bytes,
             response_streaming,
+            client_keys,
+            auth_in_front,
         })
     }
 }
@@ -301,9 +326,10 @@ mod tests {
         Config::from_lookup(|k| map.get(k).cloned())
     }
 
-    const BASE: [(&str, &str); 2] = [
+    const BASE: [(&str, &str); 3] = [
         ("AZURE_OPENAI_ENDPOINT", "https://res.openai.azure.com/"),
         ("AZURE_OPENAI_API_KEY", "sk-very-secret"),
+        ("AUTH_PROVIDED_BY", "authorizer"),
     ];
 
     #[test]
@@ -321,10 +347,14 @@ mod tests {
 
     #[test]
     fn missing_or_malformed_variables_are_named() {
-        let err = config(&[("AZURE_OPENAI_API_KEY", "k")]).unwrap_err();
+        let err = config(&[("AZURE_OPENAI_API_KEY", "k"), ("AUTH_PROVIDED_BY", "iam")]).unwrap_err();
         assert!(err.to_string().contains("AZURE_OPENAI_ENDPOINT"), "{err}");
 
-        let err = config(&[("AZURE_OPENAI_ENDPOINT", "https://x.openai.azure.com")]).unwrap_err();
+        let err = config(&[
+            ("AZURE_OPENAI_ENDPOINT", "https://x.openai.azure.com"),
+            ("AUTH_PROVIDED_BY", "iam"),
+        ])
+        .unwrap_err();
         assert!(err.to_string().contains("AZURE_OPENAI_API_KEY"), "{err}");
 
         for (var, value) in [
@@ -342,6 +372,7 @@ mod tests {
             ("CIRCUIT_FAILURES", "0"),
             ("FALLBACK_POOL", "[]"),
             ("FALLBACK_POOL_FILE", "/no/such/pool.json"),
+            ("AUTH_PROVIDED_BY", "nobody"),
         ] {
             let mut vars = BASE.to_vec();
             vars.push((var, value));
@@ -360,6 +391,17 @@ mod tests {
         );
         let err = config(&vars).unwrap_err().to_string();
         assert!(!err.contains("hunter2"), "{err}");
+    }
+
+    #[test]
+    fn an_open_configuration_is_refused_with_what_to_set() {
+        let err = config(&BASE[..2]).unwrap_err().to_string();
+        for needed in ["closed by default", "CLIENT_API_KEYS", "AUTH_PROVIDED_BY"] {
+            assert!(err.contains(needed), "{err}");
+        }
+        let mut vars = BASE[..2].to_vec();
+        vars.push(("CLIENT_API_KEYS", "a-client-key-of-some-length"));
+        assert!(config(&vars).unwrap().client_keys.is_some());
     }
 
     #[test]

@@ -13,6 +13,10 @@ pub enum ConfigError {
     },
     #[error("{var} is invalid: {reason}")]
     Invalid { var: &'static str, reason: String },
+    #[error(
+        "fallback-chat is closed by default and nothing authenticates its callers: set CLIENT_API_KEYS to one or more client keys (comma-separated, at least 16 characters each, or a Secrets Manager ARN / ssm: reference holding them), or, if IAM auth on the Function URL or an API Gateway authorizer already authenticates callers, set AUTH_PROVIDED_BY=iam or AUTH_PROVIDED_BY=authorizer"
+    )]
+    Closed,
     #[error("could not build the HTTP client: {0}")]
     HttpClient(#[from] reqwest::Error),
 }

@@ -86,7 +86,12 @@ impl Harness {
         vars: &[(String, String)],
         seed: Option<u64>,
     ) -> Self {
-        let vars: HashMap<String, String> = vars.iter().cloned().collect();
+        let mut vars: HashMap<String, String> = vars.iter().cloned().collect();
+        // Tests that are not about access control stand behind an (imagined) authorizer.
+        if !vars.contains_key("CLIENT_API_KEYS") {
+            vars.entry("AUTH_PROVIDED_BY".into())
+                .or_insert_with(|| "authorizer".into());
+        }
         let config = Config::from_lookup(|k| vars.get(k).cloned()).expect("valid config");
         let clock = Arc::new(ManualClock::default());
         let app = match seed {
