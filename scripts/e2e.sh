@@ -22,8 +22,11 @@ trap cleanup EXIT
 # A pause between streamed events shows whether a stream reaches the caller as it is produced.
 start_emulator "$EMULATOR_PORT" 900 --deployment gpt-4o=throttled:7 --deployment gpt-35-turbo=healthy \
   --chunk-delay-ms 60 >>"$LOG.emulator" 2>&1
-printf 'AZURE_OPENAI_ENDPOINT=http://127.0.0.1:%s\nAZURE_OPENAI_API_KEY=emulator-key\nAZURE_OPENAI_DEPLOYMENTS=gpt-4o,gpt-35-turbo\n' \
-  "$EMULATOR_PORT" > "$ENV_FILE"
+# The client key the sample events in events/ carry.
+KEY=fc-example-client-key-0000
+AUTH=(-H "Authorization: Bearer $KEY")
+printf 'AZURE_OPENAI_ENDPOINT=http://127.0.0.1:%s\nAZURE_OPENAI_API_KEY=emulator-key\nAZURE_OPENAI_DEPLOYMENTS=gpt-4o,gpt-35-turbo\nCLIENT_API_KEYS=%s\n' \
+  "$EMULATOR_PORT" "$KEY" > "$ENV_FILE"
 
 # Own process group, so cleanup stops cargo-lambda and the function it spawned; `timeout` is the
 # backstop should cleanup never run.
@@ -54,20 +57,21 @@ for k in sys.argv[1].split("."): v=v[k] if k else v
 print(v)' "$1"; }
 
 # The function is compiled by the first request; allow for it.
-first=$(curl -s --max-time 300 -D "$LOG.h" "$BASE/?query=How+do+I+reset+my+password")
+check "curl without a client key" 401 "$(curl -s --max-time 300 -o /dev/null -w '%{http_code}' "$BASE/?query=x")"
+first=$(curl -s "${AUTH[@]}" -D "$LOG.h" "$BASE/?query=How+do+I+reset+my+password")
 check "curl GET /?query= is answered" "gpt-35-turbo" "$(json deployment <<<"$first")"
 check "curl answer comes from the fallback after gpt-4o's 429" "x-fallback-attempts: 2" \
   "$(grep -i '^x-fallback-attempts' "$LOG.h" | tr -d '\r')"
-second=$(curl -s -D "$LOG.h" "$BASE/?query=again")
+second=$(curl -s "${AUTH[@]}" -D "$LOG.h" "$BASE/?query=again")
 check "curl: cooling gpt-4o is skipped on the next request" "x-fallback-attempts: 1" \
   "$(grep -i '^x-fallback-attempts' "$LOG.h" | tr -d '\r')"
-check "curl GET / without query" 400 "$(curl -s -o /dev/null -w '%{http_code}' "$BASE/")"
-check "curl POST /" 405 "$(curl -s -o /dev/null -w '%{http_code}' -X POST "$BASE/?query=x")"
+check "curl GET / without query" 400 "$(curl -s "${AUTH[@]}" -o /dev/null -w '%{http_code}' "$BASE/")"
+check "curl POST /" 405 "$(curl -s "${AUTH[@]}" -o /dev/null -w '%{http_code}' -X POST "$BASE/?query=x")"
 check "curl POST / sends Allow" "allow: GET" \
-  "$(curl -s -D - -o /dev/null -X POST "$BASE/" | grep -i '^allow' | tr -d '\r')"
-check "curl unknown path" 404 "$(curl -s -o /dev/null -w '%{http_code}' "$BASE/admin?query=x")"
+  "$(curl -s "${AUTH[@]}" -D - -o /dev/null -X POST "$BASE/" | grep -i '^allow' | tr -d '\r')"
+check "curl unknown path" 404 "$(curl -s "${AUTH[@]}" -o /dev/null -w '%{http_code}' "$BASE/admin?query=x")"
 long=$(python3 -c 'print("a" * 4001)')
-check "curl over-long query" 400 "$(curl -s -o /dev/null -w '%{http_code}' "$BASE/?query=$long")"
+check "curl over-long query" 400 "$(curl -s "${AUTH[@]}" -o /dev/null -w '%{http_code}' "$BASE/?query=$long")"
 
 declare -A expected=([get-query]=200 [get-no-query]=400 [post-root]=405 [unknown-path]=404
   [openai-chat]=200 [openai-chat-stream]=200 [azure-chat]=200 [openai-invalid-json]=400)
@@ -85,7 +89,7 @@ rm -f "$LOG.h"
 for base in "$STREAM_BASE" "$BASE"; do
   mode=$([[ "$base" == "$STREAM_BASE" ]] && echo streaming || echo buffered)
   echo "--- openai SDK against the $mode function"
-  if python tests/e2e/openai_clients.py "$base" "$mode"; then result=ok; else result=failed; fi
+  if python tests/e2e/openai_clients.py "$base" "$mode" "$KEY"; then result=ok; else result=failed; fi
   check "openai SDK clients, $mode mode" ok "$result"
 done
 

@@ -103,7 +103,22 @@ impl<C: Clock> App<C> {
             raw => raw,
         }
         .to_owned();
-        match endpoint(&path) {
+        let endpoint = endpoint(&path);
+        if let Err(refusal) = self.auth.check(request.headers()) {
+            tracing::info!(status = 401, path, reason = %refusal, "request refused");
+            let mut response = match endpoint {
+                Endpoint::OpenAi | Endpoint::Azure { .. } => crate::openai::unauthorized(refusal),
+                _ => json_response(
+                    StatusCode::UNAUTHORIZED,
+                    &json!({ "error": refusal.to_string() }),
+                ),
+            };
+            response
+                .headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            return response;
+        }
+        match endpoint {
             Endpoint::OpenAi => self.chat_completions(&request, None).await,
             Endpoint::Azure { route } => self.chat_completions(&request, Some(route)).await,
             Endpoint::Ask | Endpoint::Unknown => self.ask(&request).await,

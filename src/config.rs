@@ -347,7 +347,8 @@ mod tests {
 
     #[test]
     fn missing_or_malformed_variables_are_named() {
-        let err = config(&[("AZURE_OPENAI_API_KEY", "k"), ("AUTH_PROVIDED_BY", "iam")]).unwrap_err();
+        let err =
+            config(&[("AZURE_OPENAI_API_KEY", "k"), ("AUTH_PROVIDED_BY", "iam")]).unwrap_err();
         assert!(err.to_string().contains("AZURE_OPENAI_ENDPOINT"), "{err}");
 
         let err = config(&[

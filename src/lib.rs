@@ -2,6 +2,7 @@
 //! deployment can answer now, remembering throttling between invocations.
 
 pub mod api;
+pub mod auth;
 pub mod azure;
 pub mod config;
 pub mod error;
@@ -11,6 +12,7 @@ pub mod openai;
 pub mod pool;
 pub mod stream;
 
+use crate::auth::ClientKeys;
 use crate::azure::Upstream;
 use crate::config::Config;
 use crate::error::ConfigError;
@@ -21,6 +23,7 @@ pub struct App<C: Clock = SystemClock> {
     config: Config,
     upstream: Upstream,
     health: HealthTable,
+    auth: ClientKeys,
     clock: C,
 }
 
@@ -46,6 +49,7 @@ impl<C: Clock> App<C> {
             probe_lease: config.attempt_timeout,
         };
         Ok(Self {
+            auth: ClientKeys::from_config(&config)?,
             upstream: Upstream::new(&config.pool)?,
             health: HealthTable::new(config.pool.deployments.len(), breaker, seed),
             config,

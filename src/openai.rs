@@ -11,6 +11,7 @@ use serde_json::{Map, Value, json};
 
 use crate::App;
 use crate::api::{Reply, fallback_headers, json_response};
+use crate::auth::Refusal;
 use crate::azure::ChatBody;
 use crate::error::RequestError;
 use crate::failover::Exhausted;
@@ -95,6 +96,17 @@ impl From<RequestError> for Box<ApiError> {
             other => ApiError::invalid(other.to_string(), None, "invalid_request"),
         }
     }
+}
+
+/// A refused client key, in OpenAI's words.
+pub(crate) fn unauthorized(refusal: Refusal) -> Response<Reply> {
+    let mut e = ApiError::new(
+        StatusCode::UNAUTHORIZED,
+        "invalid_request_error",
+        refusal.to_string(),
+    );
+    e.code = Some("invalid_api_key".into());
+    e.into_response()
 }
 
 /// Nothing answered. When every deployment that was called refused the request itself (a 400

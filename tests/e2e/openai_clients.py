@@ -129,6 +129,19 @@ def _():
         raise AssertionError("no error for an empty messages list")
 
 
+@check("OpenAI client with a wrong key: refused as the SDK expects")
+def _():
+    from openai import AuthenticationError
+
+    wrong = OpenAI(base_url=f"{BASE}/v1", api_key="fc-wrong-key-000000000000", max_retries=0)
+    try:
+        wrong.chat.completions.create(model="gpt-4o", messages=MESSAGES)
+    except AuthenticationError as e:
+        assert e.status_code == 401
+    else:
+        raise AssertionError("a wrong key was accepted")
+
+
 passed = sum(results)
 failed = len(results) - passed
 print(f"{passed} passed, {failed} failed")
