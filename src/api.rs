@@ -98,6 +98,13 @@ impl<C: Clock> App<C> {
     /// Answers one HTTP request, streaming when the caller asked for a stream. Never fails:
     /// every problem becomes a JSON error response.
     pub async fn handle(self: &Arc<Self>, request: Request) -> Response<Reply> {
+        let response = self.serve(request).await;
+        // What the request recorded; a stream still running flushes its own when it ends.
+        crate::telemetry::flush(self.metrics);
+        response
+    }
+
+    async fn serve(self: &Arc<Self>, request: Request) -> Response<Reply> {
         let path = match request.raw_http_path() {
             "" => request.uri().path(),
             raw => raw,

@@ -13,6 +13,7 @@ use crate::azure::{ChatBody, Completion, ContentFilter, Outcome, Transient};
 use crate::error::RequestError;
 use crate::health::{Clock, Event, State};
 use crate::pool::Route;
+use crate::telemetry;
 
 /// An attempt needs at least this long to be worth starting (one in-region round trip).
 pub const MIN_ATTEMPT: Duration = Duration::from_millis(100);
@@ -126,6 +127,12 @@ impl<C: Clock> App<C> {
                 self.call(index, body, deadline)
             })
             .await?;
+        let tokens = completion
+            .usage
+            .as_ref()
+            .and_then(|u| u.get("total_tokens"))
+            .and_then(serde_json::Value::as_u64);
+        telemetry::answered(&self.config.pool.deployments[index].id, tokens);
         Ok(Answer {
             deployment: self.config.pool.deployments[index].id.clone(),
             completion,
@@ -155,6 +162,7 @@ impl<C: Clock> App<C> {
         let too_small = |t: &Tried, i: usize| matches!((t.needs_window_over, pool[i].context_window), (Some(need), Some(w)) if w <= need);
         let mut attempts = Vec::new();
         let mut out_of_time = false;
+        let mut failed: Option<String> = None;
 
         loop {
             if deadline.saturating_duration_since(Instant::now()) < MIN_ATTEMPT {
@@ -169,6 +177,9 @@ impl<C: Clock> App<C> {
                 break;
             };
             tried.called[index] = true;
+            if let Some(previous) = failed.take() {
+                telemetry::failover(&previous);
+            }
             let (mut made, result) = attempt(index, deadline).await;
             match result {
                 Ok(value) => {
@@ -188,8 +199,10 @@ impl<C: Clock> App<C> {
                 }
                 Err(_) => {}
             }
+            failed = Some(made.deployment.clone());
             attempts.push(made);
         }
+        telemetry::unavailable(&route.name);
 
         // Say why every deployment that was not called was left out.
         let now = self.clock.now();
@@ -359,6 +372,7 @@ impl<C: Clock> App<C> {
             };
         }
         log_attempt(&attempt);
+        telemetry::call(&attempt);
         attempt
     }
 }

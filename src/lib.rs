@@ -11,6 +11,7 @@ pub mod health;
 pub mod openai;
 pub mod pool;
 pub mod stream;
+pub mod telemetry;
 
 use crate::auth::ClientKeys;
 use crate::azure::Upstream;
@@ -24,6 +25,8 @@ pub struct App<C: Clock = SystemClock> {
     upstream: Upstream,
     health: HealthTable,
     auth: ClientKeys,
+    /// Where EMF metrics are collected, once installed (tests usually run without).
+    metrics: Option<&'static metrics_cloudwatch_embedded::Collector>,
     clock: C,
 }
 
@@ -53,8 +56,18 @@ impl<C: Clock> App<C> {
             upstream: Upstream::new(&config.pool)?,
             health: HealthTable::new(config.pool.deployments.len(), breaker, seed),
             config,
+            metrics: None,
             clock,
         })
+    }
+
+    /// Flushes EMF metrics to stdout after each invocation.
+    pub fn with_metrics(
+        mut self,
+        collector: &'static metrics_cloudwatch_embedded::Collector,
+    ) -> Self {
+        self.metrics = Some(collector);
+        self
     }
 
     pub fn config(&self) -> &Config {

@@ -4,8 +4,8 @@ use std::convert::Infallible;
 use std::process::ExitCode;
 use std::sync::Arc;
 
-use fallback_chat::App;
 use fallback_chat::config::Config;
+use fallback_chat::{App, telemetry};
 use lambda_http::{Request, service_fn, tracing};
 
 #[tokio::main(flavor = "current_thread")]
@@ -18,6 +18,15 @@ async fn main() -> ExitCode {
         Err(error) => {
             tracing::error!(%error, "fallback-chat cannot start");
             return ExitCode::FAILURE;
+        }
+    };
+    let namespace = std::env::var("METRICS_NAMESPACE")
+        .unwrap_or_else(|_| telemetry::DEFAULT_NAMESPACE.to_owned());
+    let app = match telemetry::install(&namespace) {
+        Ok(collector) => app.with_metrics(collector),
+        Err(error) => {
+            tracing::warn!(%error, "metrics disabled");
+            app
         }
     };
     let pool = &app.config().pool;

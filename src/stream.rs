@@ -20,6 +20,7 @@ use crate::error::RequestError;
 use crate::failover::{Attempt, Quota};
 use crate::health::{Clock, Event};
 use crate::pool::Route;
+use crate::telemetry;
 
 /// After the final `finish_reason`, what is left (a usage event, `[DONE]`) must follow soon;
 /// past this the stream is finalised without waiting for it.
@@ -131,6 +132,7 @@ impl<C: Clock> App<C> {
                 self.open(index, body, deadline)
             })
             .await?;
+        telemetry::answered(&self.config.pool.deployments[index].id, None);
         let (tx, rx) = mpsc::channel(RELAY_BUFFER);
         tokio::spawn(Arc::clone(self).relay(index, opened, deadline, tx));
         Ok(Streaming {
@@ -249,6 +251,7 @@ impl<C: Clock> App<C> {
         }
         // The caller may be gone already; nothing more to do then.
         let _ = tx.send(ending).await;
+        telemetry::flush(self.metrics);
     }
 
     fn interrupted(&self, index: usize, id: &str, why: &str, frames: usize) {
