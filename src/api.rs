@@ -18,7 +18,7 @@ use tokio::sync::mpsc;
 use crate::App;
 use crate::azure;
 use crate::error::RequestError;
-use crate::failover::Answer;
+use crate::failover::{Answer, Attempt};
 use crate::health::Clock;
 
 /// Lambda never runs longer than 15 minutes: a deadline further away is not an epoch time
@@ -70,6 +70,57 @@ impl Reply {
             }
         }
     }
+}
+
+/// What one request came to, for its one summary log line.
+pub(crate) struct Trace {
+    pub route: String,
+    pub attempts: Vec<Attempt>,
+    pub tokens: Option<u64>,
+    pub stream: bool,
+    pub error: Option<String>,
+}
+
+impl Trace {
+    pub fn new(route: &str) -> Self {
+        Self {
+            route: route.to_owned(),
+            attempts: Vec::new(),
+            tokens: None,
+            stream: false,
+            error: None,
+        }
+    }
+
+    /// One line per request: route, status, who answered, each attempt's outcome, latency, tokens.
+    pub fn log(&self, status: u16, deployment: Option<&str>, started: Instant) {
+        let attempts = self
+            .attempts
+            .iter()
+            .map(|a| format!("{}:{}", a.deployment, a.outcome))
+            .collect::<Vec<_>>()
+            .join(" ");
+        let calls = self.attempts.iter().filter(|a| a.called()).count();
+        tracing::info!(
+            route = self.route,
+            status,
+            deployment,
+            calls,
+            attempts,
+            latency_ms = started.elapsed().as_millis() as u64,
+            total_tokens = self.tokens,
+            stream = self.stream,
+            error = self.error.as_deref(),
+            "request"
+        );
+    }
+}
+
+/// `usage.total_tokens`, when the answer says.
+pub(crate) fn total_tokens(usage: Option<&Value>) -> Option<u64> {
+    usage
+        .and_then(|u| u.get("total_tokens"))
+        .and_then(Value::as_u64)
 }
 
 /// Which handler a path belongs to.
@@ -148,33 +199,24 @@ impl<C: Clock> App<C> {
     async fn ask(&self, request: &Request) -> Response<Reply> {
         let started = Instant::now();
         let result = self.route(request).await;
-        let latency_ms = started.elapsed().as_millis() as u64;
+        let route = &self.config.pool.default_route().name;
         match result {
             Ok(answer) => {
-                let tokens = answer
-                    .completion
-                    .usage
-                    .as_ref()
-                    .and_then(|u| u.get("total_tokens"))
-                    .and_then(Value::as_u64);
-                tracing::info!(
-                    status = 200,
-                    deployment = answer.deployment,
-                    calls = answer.calls(),
-                    latency_ms,
-                    total_tokens = tokens,
-                    "request answered"
-                );
+                let tokens = total_tokens(answer.completion.usage.as_ref());
+                let mut trace = Trace::new(route);
+                trace.attempts = answer.attempts.clone();
+                trace.tokens = tokens;
+                trace.log(200, Some(&answer.deployment), started);
                 answered(&answer)
             }
             Err(error) => {
                 let response = error_response(&error);
-                tracing::info!(
-                    status = response.status().as_u16(),
-                    latency_ms,
-                    error = %error,
-                    "request refused"
-                );
+                let mut trace = Trace::new(route);
+                if let RequestError::Unavailable(exhausted) = &error {
+                    trace.attempts = exhausted.attempts.clone();
+                }
+                trace.error = Some(error.to_string());
+                trace.log(response.status().as_u16(), None, started);
                 response
             }
         }

@@ -10,7 +10,7 @@ use lambda_http::{Request, RequestExt, Response};
 use serde_json::{Map, Value, json};
 
 use crate::App;
-use crate::api::{Reply, fallback_headers, json_response};
+use crate::api::{Reply, Trace, fallback_headers, json_response, total_tokens};
 use crate::auth::Refusal;
 use crate::azure::ChatBody;
 use crate::error::RequestError;
@@ -153,20 +153,19 @@ impl<C: Clock> App<C> {
         path_route: Option<&str>,
     ) -> Response<Reply> {
         let started = Instant::now();
-        let response = match self.openai(request, path_route).await {
+        let mut trace = Trace::new(path_route.unwrap_or_default());
+        let response = match self.openai(request, path_route, &mut trace).await {
             Ok(response) => response,
-            Err(error) => (*error).into_response(),
+            Err(error) => {
+                trace.error = Some(error.message.clone());
+                (*error).into_response()
+            }
         };
-        tracing::info!(
-            status = response.status().as_u16(),
-            deployment = response
-                .headers()
-                .get("x-fallback-deployment")
-                .and_then(|v| v.to_str().ok()),
-            stream = matches!(response.body(), Reply::Stream(_)),
-            latency_ms = started.elapsed().as_millis() as u64,
-            "chat completion"
-        );
+        let deployment = response
+            .headers()
+            .get("x-fallback-deployment")
+            .and_then(|v| v.to_str().ok());
+        trace.log(response.status().as_u16(), deployment, started);
         response
     }
 
@@ -174,6 +173,7 @@ impl<C: Clock> App<C> {
         self: &Arc<Self>,
         request: &Request,
         path_route: Option<&str>,
+        trace: &mut Trace,
     ) -> Result<Response<Reply>, Box<ApiError>> {
         if request.method() != Method::POST {
             let mut e = ApiError::new(
@@ -217,10 +217,23 @@ impl<C: Clock> App<C> {
         };
         check_messages(&body)?;
         let route = self.route_for(path_route, &body)?;
+        trace.route.clone_from(&route.name);
         let budget = self.budget(request.lambda_context_ref(), SystemTime::now());
+        // What the failover tried goes into the request's log line, whatever the outcome.
+        let keep = |trace: &mut Trace, error: RequestError| {
+            if let RequestError::Unavailable(exhausted) = &error {
+                trace.attempts = exhausted.attempts.clone();
+            }
+            Box::<ApiError>::from(error)
+        };
 
         if body.get("stream") == Some(&Value::Bool(true)) {
-            let streaming = self.stream(route, &body, budget).await?;
+            trace.stream = true;
+            let streaming = self
+                .stream(route, &body, budget)
+                .await
+                .map_err(|e| keep(trace, e))?;
+            trace.attempts = streaming.attempts.clone();
             let calls = streaming.attempts.iter().filter(|a| a.called()).count();
             let mut response = Response::new(Reply::Stream(streaming.frames));
             let headers = response.headers_mut();
@@ -233,7 +246,12 @@ impl<C: Clock> App<C> {
             return Ok(response);
         }
 
-        let answer = self.complete(route, &body, budget).await?;
+        let answer = self
+            .complete(route, &body, budget)
+            .await
+            .map_err(|e| keep(trace, e))?;
+        trace.attempts = answer.attempts.clone();
+        trace.tokens = total_tokens(answer.completion.usage.as_ref());
         let mut response = Response::new(Reply::Full(Some(answer.completion.raw.clone())));
         response.headers_mut().insert(
             header::CONTENT_TYPE,
