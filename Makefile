@@ -19,7 +19,8 @@ lint:
 	cargo fmt --all -- --check
 	cargo clippy --workspace --all-targets -- -D warnings
 
-unit:
+# The secrets tests start moto's server from .venv.
+unit: $(VENV)/.installed
 	cargo test --workspace
 
 e2e: $(VENV)/.installed
@@ -27,6 +28,7 @@ e2e: $(VENV)/.installed
 
 template: $(VENV)/.installed
 	scripts/check-template.sh
+	sam build --parallel
 
 ## The local Azure OpenAI emulator alone, for demos: make emulator ARGS='--deployment gpt-4o=throttled:7'
 emulator:

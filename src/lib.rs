@@ -10,6 +10,7 @@ pub mod failover;
 pub mod health;
 pub mod openai;
 pub mod pool;
+pub mod secrets;
 pub mod stream;
 pub mod telemetry;
 

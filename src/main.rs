@@ -5,15 +5,23 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use fallback_chat::config::Config;
-use fallback_chat::{App, telemetry};
+use fallback_chat::error::ConfigError;
+use fallback_chat::{App, secrets, telemetry};
 use lambda_http::{Request, service_fn, tracing};
+
+/// Configuration, keys held in AWS (only when referenced), then the shared state.
+async fn start() -> Result<App, ConfigError> {
+    let mut config = Config::from_env()?;
+    secrets::resolve(&mut config).await?;
+    App::new(config)
+}
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> ExitCode {
     // JSON lines when AWS_LAMBDA_LOG_FORMAT=JSON, level from AWS_LAMBDA_LOG_LEVEL or RUST_LOG.
     tracing::init_default_subscriber();
 
-    let app = match Config::from_env().and_then(App::new) {
+    let app = match start().await {
         Ok(app) => app,
         Err(error) => {
             tracing::error!(%error, "fallback-chat cannot start");
