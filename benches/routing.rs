@@ -16,6 +16,7 @@ fn pool() -> Vec<Deployment> {
             endpoint: format!("https://region-{}.openai.azure.com", i / 4),
             deployment: "gpt-4o".into(),
             key: Some(Secret::new("k")),
+            key_var: "K".into(),
             api: ApiStyle::Classic {
                 api_version: "2024-10-21".into(),
             },

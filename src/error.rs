@@ -13,6 +13,9 @@ pub enum ConfigError {
     },
     #[error("{var} is invalid: {reason}")]
     Invalid { var: &'static str, reason: String },
+    /// A key variable whose name comes from the configuration (a pool entry's `key_env`).
+    #[error("{var} is invalid: {reason}")]
+    InvalidKey { var: String, reason: String },
     #[error(
         "fallback-chat is closed by default and nothing authenticates its callers: set CLIENT_API_KEYS to one or more client keys (comma-separated, at least 16 characters each, or a Secrets Manager ARN / ssm: reference holding them), or, if IAM auth on the Function URL or an API Gateway authorizer already authenticates callers, set AUTH_PROVIDED_BY=iam or AUTH_PROVIDED_BY=authorizer"
     )]

@@ -31,6 +31,8 @@ pub struct Deployment {
     pub deployment: String,
     /// `None` only for v1 servers that take no key (a local Ollama, say).
     pub key: Option<Secret>,
+    /// The variable the key was read from, for messages about it.
+    pub key_var: String,
     pub api: ApiStyle,
     /// Lower is tried first; equal priorities share load by weight.
     pub priority: u32,
@@ -204,6 +206,7 @@ pub fn parse(
             endpoint,
             deployment: entry.deployment,
             key: key.map(Secret::new),
+            key_var: key_env,
             api,
             priority: entry.priority.unwrap_or(0),
             weight,
@@ -283,6 +286,7 @@ pub fn ordered(endpoint: String, key: Secret, names: Vec<String>, api_version: &
             endpoint: endpoint.clone(),
             deployment: name,
             key: Some(key.clone()),
+            key_var: DEFAULT_KEY_ENV.to_owned(),
             api: ApiStyle::Classic {
                 api_version: api_version.to_owned(),
             },

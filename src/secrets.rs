@@ -18,7 +18,6 @@ use aws_sdk_secretsmanager::error::{ProvideErrorMetadata, SdkError};
 
 use crate::config::{Config, Secret};
 use crate::error::ConfigError;
-use crate::pool::{ApiStyle, Pool};
 
 /// Bounds each fetch, retries included: Lambda allows 10 s for init, and an unreachable endpoint
 /// (a VPC without a NAT gateway or endpoint) must fail with this module's message before then.
@@ -302,21 +301,21 @@ fn slots_of(wanted: &[(Slot, SecretRef)], matches: impl Fn(&SecretRef) -> bool) 
 
 /// The error for a reference that could not be resolved, attributed to the variable it came from.
 fn failure(config: &Config, users: &[Slot], reference: &str, problem: &Problem) -> ConfigError {
-    let pool_var = pool_variable(&config.pool);
+    let pool = &config.pool.deployments;
     let var = match users.first() {
-        Some(Slot::ClientKeys) => "CLIENT_API_KEYS",
-        _ => pool_var,
+        Some(Slot::Pool(i)) => pool[*i].key_var.clone(),
+        _ => "CLIENT_API_KEYS".to_owned(),
     };
     let entries: Vec<String> = users
         .iter()
         .filter_map(|slot| match slot {
-            Slot::Pool(i) => Some(format!("{:?}", config.pool.deployments[*i].id)),
+            Slot::Pool(i) => Some(format!("{:?}", pool[*i].id)),
             Slot::ClientKeys => None,
         })
         .collect();
     let mut who: Vec<String> = Vec::new();
-    // The simple variables' pool shares one key, so its entries add nothing to the message.
-    if !entries.is_empty() && var == "FALLBACK_POOL" {
+    // Name the entries when the variable is not the one every entry uses.
+    if !entries.is_empty() && pool.iter().any(|d| d.key_var != var) {
         let noun = if entries.len() == 1 {
             "the key of pool entry"
         } else {
@@ -332,33 +331,9 @@ fn failure(config: &Config, users: &[Slot], reference: &str, problem: &Problem) 
     } else {
         format!("{} ({reference})", who.join(" and "))
     };
-    ConfigError::Invalid {
+    ConfigError::InvalidKey {
         var,
         reason: format!("{reference}: {}; {}", problem.what, problem.fix),
-    }
-}
-
-/// Which variable the pool's keys came from. Pools do not remember it; the simple variables'
-/// pool has a recognisable shape (one key, one endpoint, deployments in order, one open route).
-fn pool_variable(pool: &Pool) -> &'static str {
-    let Some(first) = pool.deployments.first() else {
-        return "FALLBACK_POOL";
-    };
-    let simple = pool.open_routes
-        && pool.routes.len() == 1
-        && pool.deployments.iter().enumerate().all(|(i, d)| {
-            d.id == d.deployment
-                && d.endpoint == first.endpoint
-                && d.priority as usize == i
-                && d.weight == 1.0
-                && d.context_window.is_none()
-                && matches!(d.api, ApiStyle::Classic { .. })
-                && d.key.as_ref().map(Secret::expose) == first.key.as_ref().map(Secret::expose)
-        });
-    if simple {
-        "AZURE_OPENAI_API_KEY"
-    } else {
-        "FALLBACK_POOL"
     }
 }
 

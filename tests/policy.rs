@@ -25,6 +25,7 @@ fn pool(specs: &[(u32, u32)]) -> Vec<Deployment> {
             endpoint: "https://example.openai.azure.com".into(),
             deployment: format!("d{i}"),
             key: Some(Secret::new("k")),
+            key_var: "K".into(),
             api: ApiStyle::V1,
             priority,
             weight: f64::from(weight),

@@ -431,7 +431,7 @@ async fn keys_held_in_secrets_manager_and_ssm_are_resolved_once_at_cold_start() 
     )
     .await;
     assert!(
-        pool_error.starts_with("FALLBACK_POOL is invalid: "),
+        pool_error.starts_with("KEY_WEST is invalid: "),
         "{pool_error}"
     );
     assert!(pool_error.contains("\"west\""), "{pool_error}");
