@@ -397,6 +397,59 @@ async fn keys_held_in_secrets_manager_and_ssm_are_resolved_once_at_cold_start() 
     assert_eq!(keys(&c)[0], ("gpt-4o", "sk-plain-azure-key"));
     assert!(ClientKeys::from_config(&c).is_ok());
 
+    // Served end to end with both keys from Secrets Manager: the emulator only accepts the
+    // Azure key moto holds, and the handler only the client keys moto holds.
+    let emulator = azure_openai_emulator::Emulator::builder()
+        .api_key(SM_KEY)
+        .deployment("gpt-4o", azure_openai_emulator::Behavior::Healthy)
+        .start()
+        .await
+        .expect("emulator starts");
+    let vars: HashMap<&str, String> = HashMap::from([
+        ("AZURE_OPENAI_ENDPOINT", emulator.url()),
+        ("AZURE_OPENAI_DEPLOYMENTS", "gpt-4o".to_owned()),
+        ("AZURE_OPENAI_API_KEY", key_arn.clone()),
+        ("CLIENT_API_KEYS", client_arn.clone()),
+    ]);
+    let mut served = Config::from_lookup(|name| vars.get(name).cloned()).expect("valid config");
+    resolve_logged(&mut served, &logs)
+        .await
+        .expect("both references resolve");
+    let app = Arc::new(fallback_chat::App::new(served).expect("the app builds"));
+    let ask = |authorization: Option<&str>| {
+        let mut event: serde_json::Value =
+            serde_json::from_str(include_str!("../events/http-api/get-query.json")).unwrap();
+        match authorization {
+            Some(value) => event["headers"]["authorization"] = serde_json::Value::from(value),
+            None => {
+                _ = event["headers"]
+                    .as_object_mut()
+                    .unwrap()
+                    .remove("authorization")
+            }
+        }
+        lambda_http::request::from_str(&event.to_string()).unwrap()
+    };
+    let second_client_key = CLIENT_KEYS.split(',').nth(1).unwrap();
+    let answered = app
+        .handle_buffered(ask(Some(&format!("Bearer {second_client_key}"))))
+        .await;
+    assert_eq!(answered.status(), 200);
+    assert_eq!(emulator.calls("gpt-4o"), 1);
+    assert_eq!(emulator.requests("gpt-4o")[0].headers["api-key"], SM_KEY);
+    assert_eq!(app.handle_buffered(ask(None)).await.status(), 401);
+    assert_eq!(
+        app.handle_buffered(ask(Some("Bearer fc-example-client-key-0000")))
+            .await
+            .status(),
+        401
+    );
+    assert_eq!(
+        emulator.calls("gpt-4o"),
+        1,
+        "refused requests cost nothing upstream"
+    );
+
     // A missing secret names the variable, the reference and the fix.
     let missing = "arn:aws:secretsmanager:us-east-1:123456789012:secret:no-such-key-AbCdEf";
     let error = refused(
