@@ -3,15 +3,17 @@
 //! and credentials from process-wide environment variables.
 
 use std::collections::HashMap;
-use std::io::Write;
 use std::net::{TcpListener, TcpStream};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+mod common;
 
 use aws_config::BehaviorVersion;
 use aws_sdk_ssm::types::ParameterType;
+use common::Logs;
 use fallback_chat::auth::ClientKeys;
 use fallback_chat::config::Config;
 use fallback_chat::error::ConfigError;
@@ -124,35 +126,6 @@ fn moto_executable() -> PathBuf {
                 venv.display()
             )
         })
-}
-
-/// Everything logged while it is the current subscriber, as text.
-#[derive(Clone, Default)]
-struct Logs(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Logs {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Logs {
-    type Writer = Logs;
-
-    fn make_writer(&'a self) -> Self::Writer {
-        self.clone()
-    }
-}
-
-impl Logs {
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
-    }
 }
 
 const ENDPOINT: &str = "https://x.openai.azure.com";
