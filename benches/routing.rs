@@ -47,13 +47,7 @@ fn routing(c: &mut Criterion) {
         health.record(i, success(100 + i as u64), now);
     }
     c.bench_function("select + record, 16 deployments, all healthy", |b| {
-        b.iter(|| {
-            let i = health
-                .select(black_box(&members), &pool, |_| false, now)
-                .unwrap_or(0);
-            health.record(i, success(120), now);
-            black_box(i)
-        })
+        b.iter(|| decide(&health, &members, &pool, now))
     });
 
     // The first three groups are out (throttled or open): the choice scans all 16.
@@ -72,14 +66,25 @@ fn routing(c: &mut Criterion) {
         health.record(i, success(100 + i as u64), now);
     }
     c.bench_function("select + record, 16 deployments, 12 out", |b| {
-        b.iter(|| {
-            let i = health
-                .select(black_box(&members), &pool, |_| false, now)
-                .unwrap_or(0);
-            health.record(i, success(120), now);
-            black_box(i)
-        })
+        b.iter(|| decide(&health, &members, &pool, now))
     });
+}
+
+/// One routing decision and the bookkeeping of its (successful) outcome.
+fn decide(health: &HealthTable, members: &[usize], pool: &[Deployment], now: Instant) -> usize {
+    let i = health
+        .select(black_box(members), pool, |_| false, now)
+        .unwrap_or(0);
+    health.record(
+        i,
+        Event::Success {
+            latency: Duration::from_millis(120),
+            remaining_requests: Some(100),
+            remaining_tokens: Some(10_000),
+        },
+        now,
+    );
+    black_box(i)
 }
 
 criterion_group!(benches, routing);

@@ -413,17 +413,21 @@ mod tests {
         assert_eq!(health.state(0, clock.now()), State::Available);
     }
 
-    #[test]
-    fn the_circuit_opens_lets_one_probe_through_and_closes_on_success() {
-        let clock = ManualClock::default();
-        let health = HealthTable::new(1, BREAKER, 1);
-        let pool = crate::pool::ordered(
+    fn one_deployment() -> Vec<Deployment> {
+        crate::pool::ordered(
             "https://x".into(),
             crate::config::Secret::new("k"),
             vec!["a".into()],
             "2024-10-21",
         )
-        .deployments;
+        .deployments
+    }
+
+    #[test]
+    fn the_circuit_opens_lets_one_probe_through_and_closes_on_success() {
+        let clock = ManualClock::default();
+        let health = HealthTable::new(1, BREAKER, 1);
+        let pool = one_deployment();
         let now = clock.now();
         for _ in 0..2 {
             health.record(0, Event::Failure, now);
@@ -473,13 +477,7 @@ mod tests {
     fn a_probe_that_never_reports_back_frees_the_slot_after_its_lease() {
         let clock = ManualClock::default();
         let health = HealthTable::new(1, BREAKER, 1);
-        let pool = crate::pool::ordered(
-            "https://x".into(),
-            crate::config::Secret::new("k"),
-            vec!["a".into()],
-            "2024-10-21",
-        )
-        .deployments;
+        let pool = one_deployment();
         for _ in 0..3 {
             health.record(0, Event::Failure, clock.now());
         }
