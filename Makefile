@@ -6,7 +6,7 @@ VENV_BIN := $(abspath $(VENV))/bin
 export PATH := $(VENV_BIN):$(PATH)
 export SAM_CLI_TELEMETRY := 0
 
-.PHONY: run test unit lint e2e template emulator clean
+.PHONY: run test unit lint e2e template emulator bench clean
 
 ## Start the function under `cargo lambda watch` on 127.0.0.1:9000 (emulated Azure unless configured).
 run: $(VENV)/.installed
@@ -29,6 +29,10 @@ e2e: $(VENV)/.installed
 template: $(VENV)/.installed
 	scripts/check-template.sh
 	sam build --parallel
+
+## Side-by-side benchmarks (direct, in-process, cargo lambda watch, LiteLLM): writes BENCHMARKS.md.
+bench:
+	bench/run.sh
 
 ## The local Azure OpenAI emulator alone, for demos: make emulator ARGS='--deployment gpt-4o=throttled:7'
 emulator:

@@ -5,7 +5,7 @@ time from process start to its first poll of /runtime/invocation/next, hand it o
 (an API Gateway v2 event), record when its response arrives, then stop it and read its peak RSS.
 
 Usage: python bench/coldstart.py BINARY [RUNS] [KEY=VALUE ...]   (extra environment for the binary)
-Prints a JSON object with the medians; stdlib only.
+Prints a JSON object with the medians; stdlib only. bench/harness.py imports `measure`.
 """
 
 import json
@@ -97,12 +97,22 @@ def one_run(binary, env):
     finished = RuntimeApi.state["idle"].wait(timeout=20)
     peak_kib = peak_rss_kib(process.pid)
     process.send_signal(signal.SIGTERM)
-    process.wait(timeout=10)
+    try:
+        process.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
     server.shutdown()
+    server.server_close()
     st = RuntimeApi.state
     if not finished or "responded" not in st:
-        raise SystemExit(f"{binary} did not complete an invocation")
+        raise RuntimeError(f"{binary} did not complete an invocation")
+    try:
+        status = json.loads(st["response"]).get("statusCode")
+    except (ValueError, AttributeError):
+        status = None
     return {
+        "status": status,
         "first_poll_ms": (st["first_poll"] - started) * 1000,
         "first_response_ms": (st["responded"] - st["invoked"]) * 1000,
         "peak_rss_kib": peak_kib,
@@ -111,20 +121,37 @@ def one_run(binary, env):
 
 def peak_rss_kib(pid):
     """The process's high-water mark of resident memory (VmHWM), while it is still alive."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return 0
+    for line in status.splitlines():
         if line.startswith("VmHWM:"):
             return int(line.split()[1])
     return 0
+
+
+def measure(binary, runs, env):
+    """`runs` cold starts of `binary`: the median of each figure, the runs themselves, the size."""
+    results = [one_run(binary, env) for _ in range(runs)]
+    summary = {key: round(statistics.median(r[key] for r in results), 2)
+               for key in results[0] if key != "status"}
+    summary["statuses"] = sorted({r["status"] for r in results}, key=str)
+    summary["runs"] = runs
+    summary["binary_bytes"] = os.path.getsize(binary)
+    summary["all"] = results
+    return summary
 
 
 def main():
     binary = sys.argv[1]
     runs = int(sys.argv[2]) if len(sys.argv) > 2 else 20
     env = dict(arg.split("=", 1) for arg in sys.argv[3:])
-    results = [one_run(binary, env) for _ in range(runs)]
-    summary = {key: round(statistics.median(r[key] for r in results), 2) for key in results[0]}
-    summary["runs"] = runs
-    summary["binary_bytes"] = os.path.getsize(binary)
+    try:
+        summary = measure(binary, runs, env)
+    except RuntimeError as error:
+        raise SystemExit(str(error))
+    del summary["all"]
     print(json.dumps(summary))
 
 

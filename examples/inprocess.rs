@@ -1,0 +1,396 @@
+//! Drives the real handler in-process, as the Lambda runtime would, for `bench/run.sh`.
+//!
+//! `--mode app` (default): builds `fallback_chat::App` from the environment exactly as
+//! `src/main.rs` does (`Config::from_env`, metrics installed, one `Arc<App>` shared by every
+//! invocation) and feeds it real API Gateway HTTP API (v2) events for
+//! `POST /v1/chat/completions`: the event text is deserialised, wrapped with a Lambda `Context`
+//! (deadline 30 s away) by `lambda_http::Adapter`, answered by `App::handle_buffered`, and the
+//! response serialised to the JSON the runtime would post back. Latency is measured from event
+//! text to response text; there is no HTTP front.
+//!
+//! `--mode direct`: the same requests sent straight to the Azure OpenAI (emulator) deployment
+//! with a keep-alive `reqwest` client: the floor for the in-process figures.
+//!
+//! Output, on stdout, JSON lines carrying a `"bench"` key (the function's own EMF metric lines
+//! go to stdout too, as on Lambda, and are skipped by the harness; its logs go to stderr):
+//!   {"bench":"request","t":0.012,"ms":1.234,"status":200,"attempts":1}   one per measured request
+//!   {"bench":"summary","requests":N,"seconds":S,"peak_rss_kib":K}        at the end
+//!
+//! Usage: cargo run --release --example inprocess -- [--mode app|direct] [--concurrency 1]
+//!        [--requests 1000] [--seconds 10] [--warmup 20] [--rate 0] [--threads 1]
+//!        [--model gpt-4o] [--client-key KEY]
+//!        [--endpoint URL --deployment NAME --api-key KEY --api-version 2024-10-21]  (direct mode)
+//! App mode reads AZURE_OPENAI_ENDPOINT, AZURE_OPENAI_API_KEY, AZURE_OPENAI_DEPLOYMENTS,
+//! CLIENT_API_KEYS, ... from the environment, like the function itself.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use fallback_chat::App;
+use fallback_chat::config::Config;
+use fallback_chat::telemetry;
+use lambda_http::request::LambdaRequest;
+use lambda_http::{Adapter, Context, LambdaEvent, Request, Service, service_fn};
+use serde_json::{Value, json};
+
+/// The event template: a real HTTP API (v2) payload for `POST /v1/chat/completions`.
+const EVENT: &str = include_str!("../events/http-api/openai-chat.json");
+
+#[derive(Clone, Debug)]
+struct Args {
+    mode: Mode,
+    concurrency: usize,
+    requests: usize,
+    seconds: f64,
+    warmup: usize,
+    /// Requests per second at most (0: back to back).
+    rate: f64,
+    threads: usize,
+    model: String,
+    client_key: String,
+    endpoint: String,
+    deployment: String,
+    api_key: String,
+    api_version: String,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Mode {
+    App,
+    Direct,
+}
+
+fn parse_args() -> Result<Args, String> {
+    let env = |k: &str, d: &str| std::env::var(k).unwrap_or_else(|_| d.to_owned());
+    let mut a = Args {
+        mode: Mode::App,
+        concurrency: 1,
+        requests: 1000,
+        seconds: 10.0,
+        warmup: 20,
+        rate: 0.0,
+        threads: 1,
+        model: "gpt-4o".into(),
+        client_key: env("CLIENT_API_KEYS", "")
+            .split(',')
+            .next()
+            .unwrap_or("")
+            .to_owned(),
+        endpoint: env("AZURE_OPENAI_ENDPOINT", "http://127.0.0.1:8080"),
+        deployment: "gpt-4o".into(),
+        api_key: env("AZURE_OPENAI_API_KEY", "emulator-key"),
+        api_version: env("AZURE_OPENAI_API_VERSION", "2024-10-21"),
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(flag) = it.next() {
+        let value = it.next().ok_or_else(|| format!("{flag} needs a value"))?;
+        let num = |v: &str| v.parse::<f64>().map_err(|_| format!("{flag}: {v:?}"));
+        match flag.as_str() {
+            "--mode" => {
+                a.mode = match value.as_str() {
+                    "app" => Mode::App,
+                    "direct" => Mode::Direct,
+                    _ => return Err(format!("--mode: app or direct, not {value:?}")),
+                }
+            }
+            "--concurrency" => a.concurrency = num(&value)?.max(1.0) as usize,
+            "--requests" => a.requests = num(&value)? as usize,
+            "--seconds" => a.seconds = num(&value)?,
+            "--warmup" => a.warmup = num(&value)? as usize,
+            "--rate" => a.rate = num(&value)?,
+            "--threads" => a.threads = num(&value)?.max(1.0) as usize,
+            "--model" => a.model = value,
+            "--client-key" => a.client_key = value,
+            "--endpoint" => a.endpoint = value,
+            "--deployment" => a.deployment = value,
+            "--api-key" => a.api_key = value,
+            "--api-version" => a.api_version = value,
+            _ => return Err(format!("unknown option {flag:?}")),
+        }
+    }
+    Ok(a)
+}
+
+/// What one request came to.
+struct Outcome {
+    status: u16,
+    attempts: Option<u64>,
+}
+
+/// What a send returns before the clock is read: the serialised Lambda response (read back
+/// after the clock stopped), or the outcome of a direct call.
+enum Sent {
+    Lambda(String),
+    Direct(Outcome),
+}
+
+impl Sent {
+    fn outcome(self) -> Outcome {
+        match self {
+            Sent::Lambda(raw) => parse_outcome(&raw),
+            Sent::Direct(outcome) => outcome,
+        }
+    }
+}
+
+/// One way of sending a request: through the handler, or straight to the deployment.
+#[derive(Clone)]
+enum Target {
+    App {
+        app: Arc<App>,
+        /// The event text, body and client key filled in once.
+        event: Arc<String>,
+    },
+    Direct {
+        client: reqwest::Client,
+        url: Arc<String>,
+        api_key: Arc<String>,
+        body: Arc<String>,
+    },
+}
+
+impl Target {
+    async fn send(&self) -> Sent {
+        match self {
+            Target::App { app, event } => {
+                // What the runtime does with each invocation: deserialise the event, attach the
+                // context, call the handler, serialise the response it posts back.
+                let payload: LambdaRequest = serde_json::from_str(event).expect("a Lambda event");
+                let mut context = Context::default();
+                context.request_id = format!("bench-{:x}", fastrand::u64(..));
+                context.deadline = epoch_ms() + 30_000;
+                context.invoked_function_arn =
+                    "arn:aws:lambda:us-east-1:123456789012:function:fallback-chat".into();
+                let app = Arc::clone(app);
+                let handler = service_fn(move |request: Request| {
+                    let app = Arc::clone(&app);
+                    async move { Ok::<_, Infallible>(app.handle_buffered(request).await) }
+                });
+                let mut service = Adapter::from(handler);
+                let response = service
+                    .call(LambdaEvent::new(payload, context))
+                    .await
+                    .expect("the handler never fails");
+                Sent::Lambda(serde_json::to_string(&response).expect("response serialises"))
+            }
+            Target::Direct {
+                client,
+                url,
+                api_key,
+                body,
+            } => {
+                let result = client
+                    .post(url.as_str())
+                    .header("api-key", api_key.as_str())
+                    .header("content-type", "application/json")
+                    .body(body.as_str().to_owned())
+                    .send()
+                    .await;
+                match result {
+                    Ok(response) => {
+                        let status = response.status().as_u16();
+                        let _ = response.bytes().await;
+                        Sent::Direct(Outcome {
+                            status,
+                            attempts: None,
+                        })
+                    }
+                    Err(_) => Sent::Direct(Outcome {
+                        status: 0,
+                        attempts: None,
+                    }),
+                }
+            }
+        }
+    }
+}
+
+fn parse_outcome(raw: &str) -> Outcome {
+    let v: Value = serde_json::from_str(raw).unwrap_or(Value::Null);
+    let status = v["statusCode"].as_u64().unwrap_or(0) as u16;
+    let attempts = v["headers"]["x-fallback-attempts"]
+        .as_str()
+        .and_then(|s| s.parse().ok());
+    Outcome { status, attempts }
+}
+
+fn epoch_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+fn peak_rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|n| n.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// The request body every system is sent.
+fn chat_body(model: &str) -> String {
+    json!({
+        "model": model,
+        "messages": [
+            {"role": "system", "content": "You are a helpful assistant."},
+            {"role": "user", "content": "How do I reset my password?"}
+        ]
+    })
+    .to_string()
+}
+
+/// Runs `count` requests (or until `seconds` pass) on `concurrency` tasks, at most `rate` per
+/// second, and returns (offset from start, latency, outcome) for each.
+async fn load(
+    target: &Target,
+    concurrency: usize,
+    count: usize,
+    seconds: f64,
+    rate: f64,
+) -> (Vec<(Duration, Duration, Outcome)>, Duration) {
+    let started = Instant::now();
+    let deadline = started + Duration::from_secs_f64(seconds.max(0.0));
+    let next = Arc::new(AtomicUsize::new(0));
+    let mut tasks = Vec::new();
+    for _ in 0..concurrency {
+        let target = target.clone();
+        let next = Arc::clone(&next);
+        tasks.push(tokio::spawn(async move {
+            let mut out = Vec::new();
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= count || Instant::now() >= deadline {
+                    break;
+                }
+                if rate > 0.0 {
+                    let slot = started + Duration::from_secs_f64(i as f64 / rate);
+                    if slot >= deadline {
+                        break;
+                    }
+                    tokio::time::sleep_until(slot.into()).await;
+                }
+                let t0 = Instant::now();
+                let sent = target.send().await;
+                let latency = t0.elapsed();
+                out.push((t0 - started, latency, sent.outcome()));
+            }
+            out
+        }));
+    }
+    let mut all = Vec::new();
+    for task in tasks {
+        all.extend(task.await.expect("load task"));
+    }
+    all.sort_by_key(|(t, _, _)| *t);
+    (all, started.elapsed())
+}
+
+fn main() -> std::process::ExitCode {
+    let args = match parse_args() {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("inprocess: {e}");
+            return std::process::ExitCode::from(2);
+        }
+    };
+    // As src/main.rs: one thread, unless asked otherwise.
+    let runtime = if args.threads == 1 {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(args.threads)
+            .enable_all()
+            .build()
+    }
+    .expect("tokio runtime");
+    runtime.block_on(run(args))
+}
+
+async fn run(args: Args) -> std::process::ExitCode {
+    let body = chat_body(&args.model);
+    let target = match args.mode {
+        Mode::App => {
+            // The function's logs, as JSON lines, to stderr (stdout carries the results).
+            tracing_subscriber::fmt()
+                .json()
+                .with_max_level(tracing::Level::INFO)
+                .with_writer(std::io::stderr)
+                .init();
+            let app = match Config::from_env().and_then(App::new) {
+                Ok(app) => app,
+                Err(error) => {
+                    eprintln!("inprocess: fallback-chat cannot start: {error}");
+                    return std::process::ExitCode::FAILURE;
+                }
+            };
+            let app = match telemetry::install(telemetry::DEFAULT_NAMESPACE) {
+                Ok(collector) => app.with_metrics(collector),
+                Err(_) => app,
+            };
+            let mut event: Value = serde_json::from_str(EVENT).expect("event template");
+            event["body"] = Value::String(body.clone());
+            let headers = &mut event["headers"];
+            headers["content-length"] = Value::String(body.len().to_string());
+            headers["authorization"] = Value::String(format!("Bearer {}", args.client_key));
+            Target::App {
+                app: Arc::new(app),
+                event: Arc::new(event.to_string()),
+            }
+        }
+        Mode::Direct => Target::Direct {
+            client: reqwest::Client::new(),
+            url: Arc::new(format!(
+                "{}/openai/deployments/{}/chat/completions?api-version={}",
+                args.endpoint.trim_end_matches('/'),
+                args.deployment,
+                args.api_version
+            )),
+            api_key: Arc::new(args.api_key.clone()),
+            body: Arc::new(body),
+        },
+    };
+
+    if args.warmup > 0 {
+        let _ = load(&target, args.concurrency, args.warmup, 60.0, 0.0).await;
+    }
+    let (results, elapsed) = load(
+        &target,
+        args.concurrency,
+        args.requests,
+        args.seconds,
+        args.rate,
+    )
+    .await;
+    let mut out = String::new();
+    for (t, latency, outcome) in &results {
+        let line = json!({
+            "bench": "request",
+            "t": t.as_secs_f64(),
+            "ms": latency.as_secs_f64() * 1000.0,
+            "status": outcome.status,
+            "attempts": outcome.attempts,
+        });
+        out.push_str(&line.to_string());
+        out.push('\n');
+    }
+    out.push_str(
+        &json!({
+            "bench": "summary",
+            "requests": results.len(),
+            "seconds": elapsed.as_secs_f64(),
+            "peak_rss_kib": peak_rss_kib(),
+        })
+        .to_string(),
+    );
+    println!("{out}");
+    std::process::ExitCode::SUCCESS
+}
