@@ -163,7 +163,7 @@ def write(report):
       f"{m['nproc']} cores, so at concurrency 8 the figures include their contention. *Upstream calls* "
       "are counted from the emulator's own log (one line per call it received). Cold start, memory "
       "and size are compared with a hello-world `lambda_http` function (`bench/hello/`) built "
-      "with the same release profile in the same run. Under `cargo lambda watch` "
+      "in the same cargo run as fallback-chat, with the same release profile and the same `lambda_http` and `tokio`. Under `cargo lambda watch` "
       "the function runs behind cargo-lambda's local Runtime API and HTTP front, which add their "
       "own cost: on AWS, API Gateway and the Lambda service stand there instead. `p99` of a few "
       "dozen requests is close to their maximum; `n` says how many there were.")
@@ -363,12 +363,15 @@ def write(report):
     w("python bench/report.py   # rewrite this file and the chart from bench/results.json")
     w("```")
     w("")
-    w("`bench/run.sh` builds `cargo build --release -p azure-openai-emulator`, "
-      "`cargo build --release --bin fallback-chat`, `cargo build --release --example inprocess`, "
-      "`bench/hello` (x86_64 and arm64) and `cargo lambda build --release --arm64 --bin "
-      "fallback-chat`, then creates `bench/.venv` from `bench/requirements.txt` (LiteLLM, httpx, "
-      "matplotlib, cargo-lambda, all pinned; LiteLLM's own dependencies pinned by "
-      "`bench/constraints.txt`). Logs of every process are in `bench/logs/`. Knobs, as "
+    w("`bench/run.sh` creates `bench/.venv` from `bench/requirements.txt` (httpx, matplotlib, "
+      "cargo-lambda) and, in the background while the builds run, `bench/requirements-litellm.txt` "
+      "(LiteLLM), everything pinned by `bench/constraints.txt`. It then builds, in release mode: "
+      "`cargo build --release -p azure-openai-emulator`; "
+      "`cargo build --release -p fallback-chat -p hello -p inprocess --bins` (fallback-chat, the "
+      "hello-world `bench/hello` and the in-process driver `bench/inprocess` in one run, with the "
+      "same dependencies and profile); `cargo build --release --bin fallback-chat`, which finds "
+      "the deployable binary already built; and the same two for arm64 with `cargo lambda build "
+      "--release --arm64`. Logs of every process are in `bench/logs/`. Knobs, as "
       "environment variables: `BENCH_S1_SECONDS`, `BENCH_S2_SECONDS`, `BENCH_S2_FLOOR_SECONDS`, "
       "`BENCH_S2_RATE`, `BENCH_S3_REQUESTS`, `BENCH_S3_SECONDS`, `BENCH_COLD_RUNS`, "
       "`BENCH_SKIP_ARM64=1`, `BENCH_SYSTEMS=direct,watch,...` (rows to run). Pieces alone:")
@@ -376,7 +379,7 @@ def write(report):
     w("```sh")
     w("target/release/azure-openai-emulator --port 8080 --deployment gpt-4o=throttled:7 --deployment gpt-35-turbo=healthy &")
     w("AZURE_OPENAI_ENDPOINT=http://127.0.0.1:8080 AZURE_OPENAI_API_KEY=emulator-key \\")
-    w("  CLIENT_API_KEYS=fc-bench-client-key-0000 target/release/examples/inprocess --concurrency 1 --seconds 10")
+    w("  CLIENT_API_KEYS=fc-bench-client-key-0000 target/release/inprocess --concurrency 1 --seconds 10")
     w("python3 bench/coldstart.py target/release/fallback-chat 20 AZURE_OPENAI_ENDPOINT=http://127.0.0.1:8080 \\")
     w("  AZURE_OPENAI_API_KEY=emulator-key CLIENT_API_KEYS=fc-example-client-key-0000")
     w("```")

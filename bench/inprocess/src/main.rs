@@ -16,8 +16,8 @@
 //!   {"bench":"request","t":0.012,"ms":1.234,"status":200,"attempts":1}   one per measured request
 //!   {"bench":"summary","requests":N,"seconds":S,"peak_rss_kib":K}        at the end
 //!
-//! Usage: cargo run --release --example inprocess -- [--mode app|direct] [--concurrency 1]
-//!        [--requests 1000] [--seconds 10] [--warmup 20] [--rate 0] [--threads 1]
+//! Usage: cargo run --release -p inprocess -- [--mode app|direct] [--concurrency 1]
+//!        [--requests 1000] [--seconds 10] [--warmup 20] [--rate 0]
 //!        [--model gpt-4o] [--client-key KEY]
 //!        [--endpoint URL --deployment NAME --api-key KEY --api-version 2024-10-21]  (direct mode)
 //! App mode reads AZURE_OPENAI_ENDPOINT, AZURE_OPENAI_API_KEY, AZURE_OPENAI_DEPLOYMENTS,
@@ -25,7 +25,7 @@
 
 use std::convert::Infallible;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use fallback_chat::App;
@@ -36,7 +36,7 @@ use lambda_http::{Adapter, Context, LambdaEvent, Request, Service, service_fn};
 use serde_json::{Value, json};
 
 /// The event template: a real HTTP API (v2) payload for `POST /v1/chat/completions`.
-const EVENT: &str = include_str!("../events/http-api/openai-chat.json");
+const EVENT: &str = include_str!("../../../events/http-api/openai-chat.json");
 
 #[derive(Clone, Debug)]
 struct Args {
@@ -47,7 +47,6 @@ struct Args {
     warmup: usize,
     /// Requests per second at most (0: back to back).
     rate: f64,
-    threads: usize,
     model: String,
     client_key: String,
     endpoint: String,
@@ -71,7 +70,6 @@ fn parse_args() -> Result<Args, String> {
         seconds: 10.0,
         warmup: 20,
         rate: 0.0,
-        threads: 1,
         model: "gpt-4o".into(),
         client_key: env("CLIENT_API_KEYS", "")
             .split(',')
@@ -100,7 +98,6 @@ fn parse_args() -> Result<Args, String> {
             "--seconds" => a.seconds = num(&value)?,
             "--warmup" => a.warmup = num(&value)? as usize,
             "--rate" => a.rate = num(&value)?,
-            "--threads" => a.threads = num(&value)?.max(1.0) as usize,
             "--model" => a.model = value,
             "--client-key" => a.client_key = value,
             "--endpoint" => a.endpoint = value,
@@ -159,7 +156,7 @@ impl Target {
                 // context, call the handler, serialise the response it posts back.
                 let payload: LambdaRequest = serde_json::from_str(event).expect("a Lambda event");
                 let mut context = Context::default();
-                context.request_id = format!("bench-{:x}", fastrand::u64(..));
+                context.request_id = format!("bench-{:x}", next_request_id());
                 context.deadline = epoch_ms() + 30_000;
                 context.invoked_function_arn =
                     "arn:aws:lambda:us-east-1:123456789012:function:fallback-chat".into();
@@ -292,6 +289,12 @@ async fn load(
     (all, started.elapsed())
 }
 
+/// A fresh Lambda request id per invocation, as the runtime gives each.
+fn next_request_id() -> u64 {
+    static NEXT: AtomicU64 = AtomicU64::new(1);
+    NEXT.fetch_add(1, Ordering::Relaxed)
+}
+
 fn main() -> std::process::ExitCode {
     let args = match parse_args() {
         Ok(a) => a,
@@ -300,18 +303,12 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::from(2);
         }
     };
-    // As src/main.rs: one thread, unless asked otherwise.
-    let runtime = if args.threads == 1 {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-    } else {
-        tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(args.threads)
-            .enable_all()
-            .build()
-    }
-    .expect("tokio runtime");
+    // One thread, as src/main.rs runs the function: the concurrent requests of `--concurrency`
+    // are tasks on it, so the figures include their contention as they would on Lambda's vCPU.
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
     runtime.block_on(run(args))
 }
 
@@ -319,12 +316,9 @@ async fn run(args: Args) -> std::process::ExitCode {
     let body = chat_body(&args.model);
     let target = match args.mode {
         Mode::App => {
-            // The function's logs, as JSON lines, to stderr (stdout carries the results).
-            tracing_subscriber::fmt()
-                .json()
-                .with_max_level(tracing::Level::INFO)
-                .with_writer(std::io::stderr)
-                .init();
+            // The function's logs as src/main.rs sets them up (JSON lines, with the harness's
+            // AWS_LAMBDA_LOG_FORMAT=JSON), but to stderr: stdout carries the results.
+            lambda_http::tracing::init_default_subscriber_with_writer(std::io::stderr);
             let app = match Config::from_env().and_then(App::new) {
                 Ok(app) => app,
                 Err(error) => {
