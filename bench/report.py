@@ -119,6 +119,26 @@ def chart(report):
     return True
 
 
+def cpu(row):
+    value = row.get("gateway_cpu_s")
+    return "–" if value is None else f"{value:.2f}"
+
+
+def alongside_note(report, number):
+    """The sentence saying which rows ran alongside the others (bench/harness.py,
+    scenario_errors) and the CPU they used meanwhile, or None."""
+    rows = {r["system"]: r for r in report.get(f"s{number}", [])}
+    parts = [f"*{s['name']}* ({cpu(rows[k])} s of CPU over its row)"
+             for k, s in report["systems"].items()
+             if number in s.get("alongside", ()) and k in rows]
+    if not parts:
+        return None
+    return ("Rows run one after another, except " + ", ".join(parts) + ": its requests spend "
+            "seconds asleep in the gateway's own retry back-off, so its row runs alongside the "
+            "others' to save time. *Gateway CPU* is the user and system time of the gateway's "
+            "processes over its row (for `cargo lambda watch`, cargo-lambda's and the function's).")
+
+
 def write(report):
     has_chart = chart(report)
     m = report["machine"]
@@ -234,23 +254,27 @@ def write(report):
         w("[bench/scenario2-latency.png](bench/scenario2-latency.png): left, every request's latency "
           "over the run (log scale); right, p50 and p99.")
         w("")
-    w("| System | requests | answered | p50 ms | p99 ms | p50 × floor | p99 × floor | upstream calls per answer | calls gpt-4o / gpt-35-turbo |")
-    w("|---|---|---|---|---|---|---|---|---|")
+    w("| System | requests | answered | p50 ms | p99 ms | p50 × floor | p99 × floor | upstream calls per answer | calls gpt-4o / gpt-35-turbo | gateway CPU s |")
+    w("|---|---|---|---|---|---|---|---|---|---|")
     by = {r["system"]: r for r in report.get("s2", [])}
     for key, s in report["systems"].items():
         if 2 not in s["scenarios"]:
             continue
         r = by.get(key)
         if r is None:
-            w(failed_row(report, key, "scenario 2", 10))
+            w(failed_row(report, key, "scenario 2", 11))
             continue
         f = by.get(s["floor"]) if s["floor"] else None
         calls = r.get("upstream_calls", {})
         cpa = r.get("calls_per_answer")
         w(f"| {s['name']} | {r['n']} | {r['answered']} | {ms(r['p50'])} | {ms(r['p99'])} | "
           f"{ratio(r['p50'], f['p50']) if f else '(floor)'} | {ratio(r['p99'], f['p99']) if f else ''} | "
-          f"{'–' if cpa is None else f'{cpa:.3f}'} | {calls.get('gpt-4o', 0)} / {calls.get('gpt-35-turbo', 0)} |")
+          f"{'–' if cpa is None else f'{cpa:.3f}'} | {calls.get('gpt-4o', 0)} / {calls.get('gpt-35-turbo', 0)} | "
+          f"{cpu(r)} |")
     w("")
+    if note := alongside_note(report, 2):
+        w(note)
+        w("")
 
     # Scenario 3
     w("## Scenario 3: every deployment down")
@@ -263,22 +287,25 @@ def write(report):
       "503 without calling it until `CIRCUIT_OPEN_MS` (30 s) has passed, so once both circuits "
       "are open it answers sooner than a single direct call: a ratio under 1.")
     w("")
-    w("| System | requests | answers | p50 ms | p99 ms | p50 × floor | p99 × floor | upstream calls per request |")
-    w("|---|---|---|---|---|---|---|---|")
+    w("| System | requests | answers | p50 ms | p99 ms | p50 × floor | p99 × floor | upstream calls per request | gateway CPU s |")
+    w("|---|---|---|---|---|---|---|---|---|")
     by = {r["system"]: r for r in report.get("s3", [])}
     for key, s in report["systems"].items():
         if 3 not in s["scenarios"]:
             continue
         r = by.get(key)
         if r is None:
-            w(failed_row(report, key, "scenario 3", 9))
+            w(failed_row(report, key, "scenario 3", 10))
             continue
         f = by.get(s["floor"]) if s["floor"] else None
         cpr = r.get("calls_per_request")
         w(f"| {s['name']} | {r['n']} | {statuses(r)} | {ms(r['p50'])} | {ms(r['p99'])} | "
           f"{ratio(r['p50'], f['p50']) if f else '(floor)'} | {ratio(r['p99'], f['p99']) if f else ''} | "
-          f"{'–' if cpr is None else f'{cpr:.2f}'} |")
+          f"{'–' if cpr is None else f'{cpr:.2f}'} | {cpu(r)} |")
     w("")
+    if note := alongside_note(report, 3):
+        w(note)
+        w("")
 
     # Cold start, memory, size
     w("## Cold start, memory and size")
@@ -366,7 +393,7 @@ def write(report):
     w("`bench/run.sh` creates `bench/.venv` from `bench/requirements.txt` (httpx, matplotlib, "
       "cargo-lambda) and, in the background while the builds run, `bench/requirements-litellm.txt` "
       "(LiteLLM), everything pinned by `bench/constraints.txt`. It then builds, in release mode: "
-      "`cargo build --release -p azure-openai-emulator`; "
+      "`cargo build --profile bench-fixture -p azure-openai-emulator` (release without LTO); "
       "`cargo build --release -p fallback-chat -p hello -p inprocess --bins` (fallback-chat, the "
       "hello-world `bench/hello` and the in-process driver `bench/inprocess` in one run, with the "
       "same dependencies and profile); `cargo build --release --bin fallback-chat`, which finds "
@@ -377,7 +404,7 @@ def write(report):
       "`BENCH_SKIP_ARM64=1`, `BENCH_SYSTEMS=direct,watch,...` (rows to run). Pieces alone:")
     w("")
     w("```sh")
-    w("target/release/azure-openai-emulator --port 8080 --deployment gpt-4o=throttled:7 --deployment gpt-35-turbo=healthy &")
+    w("target/bench-fixture/azure-openai-emulator --port 8080 --deployment gpt-4o=throttled:7 --deployment gpt-35-turbo=healthy &")
     w("AZURE_OPENAI_ENDPOINT=http://127.0.0.1:8080 AZURE_OPENAI_API_KEY=emulator-key \\")
     w("  CLIENT_API_KEYS=fc-bench-client-key-0000 target/release/inprocess --concurrency 1 --seconds 10")
     w("python3 bench/coldstart.py target/release/fallback-chat 20 AZURE_OPENAI_ENDPOINT=http://127.0.0.1:8080 \\")
