@@ -91,7 +91,9 @@ def chart(report):
     over_time.set_ylabel("latency (ms, log scale)")
     over_time.set_title("Each request over time")
     over_time.grid(True, which="both", alpha=0.3)
-    over_time.legend(fontsize=7, markerscale=2, title="system (requests)", title_fontsize=7)
+    # Below the plot: wherever it sits inside, some run's points would be under it.
+    over_time.legend(fontsize=7, markerscale=2, title="system (requests)", title_fontsize=7,
+                     loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2)
 
     keys = keys[::-1]  # first system on top
     labels = [name(report, k) for k in keys]
