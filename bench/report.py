@@ -56,17 +56,39 @@ def name(report, key):
     return report["systems"][key]["name"]
 
 
-def failures(report, key, where):
-    return [f for f in report.get("failures", {}).get(key, []) if f.startswith(where)]
+def reasons(report, key, where):
+    """Why a system has no figures for `where` ("scenario 2"), from the run's failures, or ""."""
+    return "; ".join(f.split(": ", 1)[1] for f in report.get("failures", {}).get(key, [])
+                     if f.startswith(where))
 
 
 def failed_row(report, key, where, columns):
-    reasons = "; ".join(f.split(": ", 1)[1] for f in failures(report, key, where))
-    return f"| {name(report, key)} | " + " | ".join(["–"] * (columns - 2)) + f" | failed: {reasons} |"
+    return (f"| {name(report, key)} | " + " | ".join(["–"] * (columns - 2))
+            + f" | failed: {reasons(report, key, where) or 'not run'} |")
 
 
-def floor_of(report, key):
-    return report["systems"][key]["floor"]
+def vs_floor(row, floor_row):
+    """The p50 and p99 ratio cells of a row to its floor's ("(floor)" for a floor itself)."""
+    if floor_row is None:
+        return ["(floor)", ""]
+    return [ratio(row["p50"], floor_row["p50"]), ratio(row["p99"], floor_row["p99"])]
+
+
+def scenario_rows(report, number, columns, cells):
+    """The table rows of scenario `number`, one per system that runs it: its name, then
+    cells(row, floor_row); a system with no result gets a failed row with the reasons."""
+    by = {r["system"]: r for r in report.get(f"s{number}", [])}
+    rows = []
+    for key, s in report["systems"].items():
+        if number not in s["scenarios"]:
+            continue
+        r = by.get(key)
+        if r is None:
+            rows.append(failed_row(report, key, f"scenario {number}", columns))
+            continue
+        f = by.get(s["floor"]) if s["floor"] else None
+        rows.append(f"| {s['name']} | " + " | ".join(cells(r, f)) + " |")
+    return rows
 
 
 def chart(report):
@@ -226,8 +248,7 @@ def write(report):
                 label = f"| {'at once' if latency == 0 else f'{latency} ms'} | {c} "
                 r = by.get(key)
                 if r is None:
-                    reasons = "; ".join(f.split(": ", 1)[1] for f in failures(report, key, "scenario 1"))
-                    w(label + f"| {s['name']} | – | – | – | – | – | – | – | failed: {reasons or 'not run'} |")
+                    w(label + f"| {s['name']} | – | – | – | – | – | – | – | failed: {reasons(report, key, 'scenario 1') or 'not run'} |")
                     continue
                 f = by.get(s["floor"]) if s["floor"] else None
                 fp50, fp99 = (f["p50"], f["p99"]) if f else (None, None)
@@ -258,21 +279,11 @@ def write(report):
         w("")
     w("| System | requests | answered | p50 ms | p99 ms | p50 × floor | p99 × floor | upstream calls per answer | calls gpt-4o / gpt-35-turbo | gateway CPU s |")
     w("|---|---|---|---|---|---|---|---|---|---|")
-    by = {r["system"]: r for r in report.get("s2", [])}
-    for key, s in report["systems"].items():
-        if 2 not in s["scenarios"]:
-            continue
-        r = by.get(key)
-        if r is None:
-            w(failed_row(report, key, "scenario 2", 11))
-            continue
-        f = by.get(s["floor"]) if s["floor"] else None
-        calls = r.get("upstream_calls", {})
-        cpa = r.get("calls_per_answer")
-        w(f"| {s['name']} | {r['n']} | {r['answered']} | {ms(r['p50'])} | {ms(r['p99'])} | "
-          f"{ratio(r['p50'], f['p50']) if f else '(floor)'} | {ratio(r['p99'], f['p99']) if f else ''} | "
-          f"{'–' if cpa is None else f'{cpa:.3f}'} | {calls.get('gpt-4o', 0)} / {calls.get('gpt-35-turbo', 0)} | "
-          f"{cpu(r)} |")
+    out += scenario_rows(report, 2, 11, lambda r, f: [
+        str(r["n"]), str(r["answered"]), ms(r["p50"]), ms(r["p99"]), *vs_floor(r, f),
+        "–" if r.get("calls_per_answer") is None else f"{r['calls_per_answer']:.3f}",
+        f"{r.get('upstream_calls', {}).get('gpt-4o', 0)} / {r.get('upstream_calls', {}).get('gpt-35-turbo', 0)}",
+        cpu(r)])
     w("")
     if note := alongside_note(report, 2):
         w(note)
@@ -291,19 +302,10 @@ def write(report):
     w("")
     w("| System | requests | answers | p50 ms | p99 ms | p50 × floor | p99 × floor | upstream calls per request | gateway CPU s |")
     w("|---|---|---|---|---|---|---|---|---|")
-    by = {r["system"]: r for r in report.get("s3", [])}
-    for key, s in report["systems"].items():
-        if 3 not in s["scenarios"]:
-            continue
-        r = by.get(key)
-        if r is None:
-            w(failed_row(report, key, "scenario 3", 10))
-            continue
-        f = by.get(s["floor"]) if s["floor"] else None
-        cpr = r.get("calls_per_request")
-        w(f"| {s['name']} | {r['n']} | {statuses(r)} | {ms(r['p50'])} | {ms(r['p99'])} | "
-          f"{ratio(r['p50'], f['p50']) if f else '(floor)'} | {ratio(r['p99'], f['p99']) if f else ''} | "
-          f"{'–' if cpr is None else f'{cpr:.2f}'} | {cpu(r)} |")
+    out += scenario_rows(report, 3, 10, lambda r, f: [
+        str(r["n"]), statuses(r), ms(r["p50"]), ms(r["p99"]), *vs_floor(r, f),
+        "–" if r.get("calls_per_request") is None else f"{r['calls_per_request']:.2f}",
+        cpu(r)])
     w("")
     if note := alongside_note(report, 3):
         w(note)
@@ -360,8 +362,8 @@ def write(report):
             continue
         r = rss.get(key)
         if not r:
-            reasons = "; ".join(f.split(": ", 1)[1] for f in failures(report, key, "scenario 1"))
-            w(f"| {s['name']} | {what.get(key, '')} | – | {'failed: ' + reasons if reasons else '–'} |")
+            why = reasons(report, key, "scenario 1")
+            w(f"| {s['name']} | {what.get(key, '')} | – | {'failed: ' + why if why else '–'} |")
             continue
         w(f"| {s['name']} | {what.get(key, 'every process of the system')} "
           f"({r['processes']} process{'es' if r['processes'] != 1 else ''}) | {mib(r['max_kib'])} | "
@@ -373,8 +375,8 @@ def write(report):
                                                      for b in report.get("builds", {}).values()):
         w("## What did not run")
         w("")
-        for key, reasons in problems.items():
-            for reason in reasons:
+        for key, why in problems.items():
+            for reason in why:
                 w(f"- {name(report, key)}: {reason}")
         for phase, error in report.get("phase_errors", {}).items():
             w(f"- phase {phase}: {error}")
