@@ -5,9 +5,9 @@ use std::hint::black_box;
 use std::time::{Duration, Instant};
 
 use criterion::{Criterion, criterion_group, criterion_main};
-use fallback_chat::config::Secret;
 use fallback_chat::health::{Breaker, Event, HealthTable};
 use fallback_chat::pool::{ApiStyle, Deployment};
+use fallback_chat::secret::Secret;
 
 fn pool() -> Vec<Deployment> {
     (0..16)

@@ -1,9 +1,7 @@
-//! The errors of this crate. Their mapping to HTTP statuses lives in `api.rs`.
+//! Why the function cannot start. Every message names the variable to fix and never carries a
+//! secret's value. Imports nothing from the crate.
 
-use crate::azure::ContentFilter;
-use crate::failover::Exhausted;
-
-/// A configuration mistake found at cold start. Never carries a secret's value.
+/// A configuration mistake found at cold start.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("{var} is not set: {hint}")]
@@ -21,25 +19,17 @@ pub enum ConfigError {
     )]
     Closed,
     #[error("could not build the HTTP client: {0}")]
-    HttpClient(#[from] reqwest::Error),
+    HttpClient(#[source] Box<dyn std::error::Error + Send + Sync>),
 }
 
-/// Why one request was not answered with a completion.
-#[derive(Debug, thiserror::Error)]
-pub enum RequestError {
-    #[error("Missing query: call GET /?query=<your question>.")]
-    MissingQuery,
-    #[error("The query is {chars} characters long; the limit is {max}.")]
-    QueryTooLong { chars: usize, max: usize },
-    #[error("No route for {path}: call GET /?query=<your question>.")]
-    NotFound { path: String },
-    #[error("Method {method} is not allowed on {path}; use GET.")]
-    MethodNotAllowed { method: String, path: String },
-    #[error("Azure OpenAI's content filter blocked the {}.", .filter.target)]
-    ContentFiltered {
-        deployment: String,
-        filter: ContentFilter,
-    },
-    #[error("All models are currently unavailable.")]
-    Unavailable(Exhausted),
+impl ConfigError {
+    /// The `errorType` reported to the Lambda Runtime API's init-error endpoint.
+    pub fn error_type(&self) -> &'static str {
+        match self {
+            ConfigError::Missing { .. } => "ConfigError.Missing",
+            ConfigError::Invalid { .. } | ConfigError::InvalidKey { .. } => "ConfigError.Invalid",
+            ConfigError::Closed => "ConfigError.Closed",
+            ConfigError::HttpClient(_) => "ConfigError.HttpClient",
+        }
+    }
 }

@@ -1,77 +1,12 @@
 //! What one execution environment remembers about each deployment between invocations:
 //! throttled-until, circuit state, latency and remaining quota, and the choice of the next
-//! deployment to try. Pure data plus a clock passed in, so tests move time without sleeping.
+//! deployment to try. Pure data plus a time passed in, so tests move time without sleeping.
 
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
+use crate::attempt::Availability;
 use crate::pool::Deployment;
-
-/// Where "now" comes from. The real one reads the system clocks; tests use [`ManualClock`].
-pub trait Clock: Send + Sync + 'static {
-    fn now(&self) -> Instant;
-    /// Wall-clock time, for HTTP-dates in Retry-After.
-    fn wall(&self) -> SystemTime;
-}
-
-#[derive(Debug, Default, Clone, Copy)]
-pub struct SystemClock;
-
-impl Clock for SystemClock {
-    fn now(&self) -> Instant {
-        Instant::now()
-    }
-    fn wall(&self) -> SystemTime {
-        SystemTime::now()
-    }
-}
-
-/// A clock that only moves when told to.
-#[derive(Debug)]
-pub struct ManualClock {
-    start: Instant,
-    start_wall: SystemTime,
-    elapsed_ms: AtomicU64,
-}
-
-impl Default for ManualClock {
-    fn default() -> Self {
-        Self {
-            start: Instant::now(),
-            start_wall: SystemTime::now(),
-            elapsed_ms: AtomicU64::new(0),
-        }
-    }
-}
-
-impl ManualClock {
-    pub fn advance(&self, by: Duration) {
-        let ms = u64::try_from(by.as_millis()).unwrap_or(u64::MAX);
-        self.elapsed_ms.fetch_add(ms, Ordering::SeqCst);
-    }
-    fn elapsed(&self) -> Duration {
-        Duration::from_millis(self.elapsed_ms.load(Ordering::SeqCst))
-    }
-}
-
-impl Clock for ManualClock {
-    fn now(&self) -> Instant {
-        self.start + self.elapsed()
-    }
-    fn wall(&self) -> SystemTime {
-        self.start_wall + self.elapsed()
-    }
-}
-
-impl<C: Clock> Clock for std::sync::Arc<C> {
-    fn now(&self) -> Instant {
-        (**self).now()
-    }
-    fn wall(&self) -> SystemTime {
-        (**self).wall()
-    }
-}
 
 /// The circuit breaker's settings.
 #[derive(Debug, Clone, Copy)]
@@ -138,14 +73,14 @@ impl State {
         matches!(self, State::Available | State::HalfOpen)
     }
 
-    /// The name used in logs and the 503 body.
-    pub fn name(self) -> &'static str {
+    /// How the 503 body names this state.
+    pub fn availability(self) -> Availability {
         match self {
-            State::Available => "available",
-            State::HalfOpen => "half_open",
-            State::Throttled { .. } => "throttled",
-            State::CircuitOpen { .. } => "circuit_open",
-            State::ProbeInFlight => "probe_in_flight",
+            State::Available => Availability::Available,
+            State::HalfOpen => Availability::HalfOpen,
+            State::Throttled { .. } => Availability::Throttled,
+            State::CircuitOpen { .. } => Availability::CircuitOpen,
+            State::ProbeInFlight => Availability::ProbeInFlight,
         }
     }
 
@@ -196,8 +131,8 @@ pub enum Event {
     },
     /// 5xx, timeouts, resets, refused connections, authentication and deployment errors.
     Failure,
-    /// The deployment answered, but not with a completion (a 400 of some kind): it is alive.
-    Answered,
+    /// The deployment refused this request (a 400 of some kind): it is reachable and alive.
+    Refused,
 }
 
 struct Table {
@@ -348,7 +283,7 @@ impl HealthTable {
                     // It answered: whatever its circuit said, the deployment is reachable.
                     h.circuit = Circuit::Closed { failures: 0 };
                 }
-                Event::Answered => h.circuit = Circuit::Closed { failures: 0 },
+                Event::Refused => h.circuit = Circuit::Closed { failures: 0 },
                 Event::Failure => {
                     h.circuit = match h.circuit {
                         Circuit::Closed { failures } if failures + 1 < breaker.failures => {
@@ -373,6 +308,7 @@ impl HealthTable {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::clock::{Clock, ManualClock};
 
     const BREAKER: Breaker = Breaker {
         failures: 3,
@@ -414,13 +350,17 @@ mod tests {
     }
 
     fn one_deployment() -> Vec<Deployment> {
-        crate::pool::ordered(
-            "https://x".into(),
-            crate::config::Secret::new("k"),
-            vec!["a".into()],
-            "2024-10-21",
-        )
-        .deployments
+        vec![Deployment {
+            id: "a".into(),
+            endpoint: "https://x".into(),
+            deployment: "a".into(),
+            key: None,
+            key_var: "K".into(),
+            api: crate::pool::ApiStyle::V1,
+            priority: 0,
+            weight: 1.0,
+            context_window: None,
+        }]
     }
 
     #[test]

@@ -1,34 +1,46 @@
 //! fallback-chat: an AWS Lambda function that answers chat requests from whichever Azure OpenAI
 //! deployment can answer now, remembering throttling between invocations.
+//!
+//! Layers, each importing only from those below it (`tests/structure.rs` checks it):
+//! leaves (`clock`, `secret`, `attempt`, `outcome`, `sse`, `reply`, `error`), then `pool` and
+//! `telemetry`, then `config`, `upstream` and `health`, then `routing` (the Engine), then `http`
+//! (the surface), and this file, which builds the [`App`].
 
-pub mod api;
-pub mod auth;
-pub mod azure;
+pub mod attempt;
+pub mod clock;
 pub mod config;
 pub mod error;
-pub mod failover;
 pub mod health;
-pub mod openai;
+pub mod http;
+pub mod outcome;
 pub mod pool;
-pub mod secrets;
-pub mod stream;
+pub mod reply;
+pub mod routing;
+pub mod secret;
+pub mod sse;
 pub mod telemetry;
+pub mod upstream;
 
-use crate::auth::ClientKeys;
-use crate::azure::Upstream;
+use std::sync::Arc;
+
+use metrics_cloudwatch_embedded::Collector;
+
+use crate::clock::{Clock, SystemClock};
 use crate::config::Config;
 use crate::error::ConfigError;
-use crate::health::{Breaker, Clock, HealthTable, SystemClock};
+use crate::health::Breaker;
+use crate::http::Surface;
+use crate::http::auth::ClientKeys;
+use crate::routing::{Engine, Settings};
 
-/// Everything built once per execution environment and shared by every invocation.
+/// Everything built once per execution environment and shared by every invocation: the
+/// routing engine, the client keys and the HTTP surface's settings.
 pub struct App<C: Clock = SystemClock> {
-    config: Config,
-    upstream: Upstream,
-    health: HealthTable,
-    auth: ClientKeys,
+    engine: Arc<Engine<C>>,
+    keys: ClientKeys,
+    surface: Surface,
     /// Where EMF metrics are collected, once installed (tests usually run without).
-    metrics: Option<&'static metrics_cloudwatch_embedded::Collector>,
-    clock: C,
+    metrics: Option<&'static Collector>,
 }
 
 impl App<SystemClock> {
@@ -46,32 +58,39 @@ impl<C: Clock> App<C> {
 
     /// As [`App::with_clock`], with the seed of the weighted random choice fixed.
     pub fn with_seed(config: Config, clock: C, seed: u64) -> Result<Self, ConfigError> {
-        let breaker = Breaker {
-            failures: config.circuit_failures,
-            open_for: config.circuit_open,
-            // A probe cannot take longer than one attempt.
-            probe_lease: config.attempt_timeout,
+        let settings = Settings {
+            attempt_timeout: config.attempt_timeout,
+            throttle_cooldown: config.throttle_cooldown,
+            first_token_timeout: config.first_token_timeout,
+            stream_idle_timeout: config.stream_idle_timeout,
+            breaker: Breaker {
+                failures: config.circuit_failures,
+                open_for: config.circuit_open,
+                // A probe cannot take longer than one attempt.
+                probe_lease: config.attempt_timeout,
+            },
         };
+        let keys = ClientKeys::from_config(&config)?;
+        let surface = Surface::from(&config);
+        let engine = Engine::new(config.pool, settings, clock, seed)
+            .map_err(|e| ConfigError::HttpClient(Box::new(e)))?;
         Ok(Self {
-            auth: ClientKeys::from_config(&config)?,
-            upstream: Upstream::new(&config.pool)?,
-            health: HealthTable::new(config.pool.deployments.len(), breaker, seed),
-            config,
+            engine: Arc::new(engine),
+            keys,
+            surface,
             metrics: None,
-            clock,
         })
     }
 
-    /// Flushes EMF metrics to stdout after each invocation.
-    pub fn with_metrics(
-        mut self,
-        collector: &'static metrics_cloudwatch_embedded::Collector,
-    ) -> Self {
-        self.metrics = Some(collector);
-        self
+    /// Whether the runtime loop streams responses (`RESPONSE_MODE=streaming`).
+    pub fn response_streaming(&self) -> bool {
+        self.surface.response_streaming
     }
 
-    pub fn config(&self) -> &Config {
-        &self.config
+    /// Flushes EMF metrics to stdout after each invocation (and when a stream ends).
+    pub fn with_metrics(mut self, collector: &'static Collector) -> Self {
+        self.engine.flush_metrics_to(collector);
+        self.metrics = Some(collector);
+        self
     }
 }

@@ -1,19 +1,81 @@
-//! Start-up only: logging, configuration, shared state, then the Lambda runtime loop.
+//! Start-up only: logging, configuration, shared state, then the Lambda runtime loop. A start
+//! that fails is reported to the Runtime API's init-error endpoint, as Lambda expects of a
+//! runtime, so the failed invocation carries the message that names what to fix.
 
 use std::convert::Infallible;
 use std::process::ExitCode;
 use std::sync::Arc;
 
-use fallback_chat::config::Config;
+use fallback_chat::App;
+use fallback_chat::config::{Config, keys};
 use fallback_chat::error::ConfigError;
-use fallback_chat::{App, secrets, telemetry};
+use fallback_chat::telemetry;
+use lambda_http::http::{Method, Uri};
+use lambda_http::lambda_runtime::Diagnostic;
 use lambda_http::{Request, service_fn, tracing};
+use lambda_runtime_api_client::{Client, build_request};
 
 /// Configuration, keys held in AWS (only when referenced), then the shared state.
 async fn start() -> Result<App, ConfigError> {
     let mut config = Config::from_env()?;
-    secrets::resolve(&mut config).await?;
+    keys::resolve(&mut config).await?;
+    let pool = &config.pool;
+    let deployments: Vec<String> = pool
+        .deployments
+        .iter()
+        .map(|d| format!("{} ({}, priority {})", d.id, d.endpoint, d.priority))
+        .collect();
+    tracing::info!(
+        ?deployments,
+        default_route = pool.default_route().name,
+        response_streaming = config.response_streaming,
+        "configuration read"
+    );
     App::new(config)
+}
+
+/// Tells the Lambda Runtime API why this environment cannot start (`POST /runtime/init/error`),
+/// so Lambda fails the invocation with this message instead of a bare exit. Outside Lambda
+/// (no `AWS_LAMBDA_RUNTIME_API`) there is no one to tell.
+async fn report_init_error(error: &ConfigError) {
+    let Ok(api) = std::env::var("AWS_LAMBDA_RUNTIME_API") else {
+        return;
+    };
+    let base = api
+        .parse::<Uri>()
+        .ok()
+        .filter(|uri| uri.scheme().is_some())
+        .or_else(|| format!("http://{api}").parse().ok());
+    let Some(base) = base else {
+        tracing::error!(
+            api,
+            "AWS_LAMBDA_RUNTIME_API is not a URL; cannot report the error"
+        );
+        return;
+    };
+    let diagnostic = Diagnostic {
+        error_type: error.error_type().to_owned(),
+        error_message: error.to_string(),
+    };
+    let request = serde_json::to_vec(&diagnostic)
+        .map_err(|e| e.to_string())
+        .and_then(|body| {
+            build_request()
+                .method(Method::POST)
+                .uri("/2018-06-01/runtime/init/error")
+                .header("lambda-runtime-function-error-type", error.error_type())
+                .header("content-type", "application/json")
+                .body(body.into())
+                .map_err(|e| e.to_string())
+        });
+    let sent = match (Client::builder().with_endpoint(base).build(), request) {
+        (Ok(client), Ok(request)) => client.call(request).await.map_err(|e| e.to_string()),
+        (Err(e), _) => Err(e.to_string()),
+        (_, Err(e)) => Err(e),
+    };
+    if let Err(reason) = sent {
+        tracing::error!(%reason, "could not report the error to the Lambda Runtime API");
+    }
 }
 
 #[tokio::main(flavor = "current_thread")]
@@ -24,7 +86,8 @@ async fn main() -> ExitCode {
     let app = match start().await {
         Ok(app) => app,
         Err(error) => {
-            tracing::error!(%error, "fallback-chat cannot start");
+            tracing::error!(%error, error_type = error.error_type(), "fallback-chat cannot start");
+            report_init_error(&error).await;
             return ExitCode::FAILURE;
         }
     };
@@ -37,22 +100,11 @@ async fn main() -> ExitCode {
             app
         }
     };
-    let pool = &app.config().pool;
-    let deployments: Vec<String> = pool
-        .deployments
-        .iter()
-        .map(|d| format!("{} ({}, priority {})", d.id, d.endpoint, d.priority))
-        .collect();
-    tracing::info!(
-        ?deployments,
-        default_route = pool.default_route().name,
-        response_streaming = app.config().response_streaming,
-        "fallback-chat ready"
-    );
+    let streaming = app.response_streaming();
+    tracing::info!(response_streaming = streaming, "fallback-chat ready");
 
     // Built once, shared by every invocation of this execution environment.
     let app = Arc::new(app);
-    let streaming = app.config().response_streaming;
     let result = if streaming {
         // Function URL with InvokeMode RESPONSE_STREAM: frames reach the caller as they come.
         let handler = service_fn(move |request: Request| {

@@ -6,7 +6,7 @@
 use metrics::{Unit, counter, describe_counter, describe_histogram, histogram};
 use metrics_cloudwatch_embedded::Collector;
 
-use crate::failover::Attempt;
+use crate::attempt::{Attempt, AttemptOutcome};
 
 pub const DEFAULT_NAMESPACE: &str = "FallbackChat";
 
@@ -50,9 +50,11 @@ pub fn call(attempt: &Attempt) {
     counter!("Calls", "Deployment" => deployment.clone()).increment(1);
     histogram!("Latency", "Deployment" => deployment.clone()).record(attempt.ms as f64);
     match attempt.outcome {
-        "ok" => {}
-        "throttled" => counter!("Throttles", "Deployment" => deployment).increment(1),
-        class => counter!("Errors", "Deployment" => deployment, "Class" => class).increment(1),
+        AttemptOutcome::Ok => {}
+        AttemptOutcome::Throttled => counter!("Throttles", "Deployment" => deployment).increment(1),
+        class => {
+            counter!("Errors", "Deployment" => deployment, "Class" => class.as_str()).increment(1)
+        }
     }
 }
 

@@ -5,9 +5,10 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::{Behavior, Harness, RetryAfter};
-use fallback_chat::config::Secret;
-use fallback_chat::health::{Breaker, Clock, Event, HealthTable, ManualClock, State};
+use fallback_chat::clock::{Clock, ManualClock};
+use fallback_chat::health::{Breaker, Event, HealthTable, State};
 use fallback_chat::pool::{ApiStyle, Deployment};
+use fallback_chat::secret::Secret;
 use proptest::prelude::*;
 
 const BREAKER: Breaker = Breaker {
@@ -103,7 +104,7 @@ proptest! {
                     prop_assert!(matches!(state, State::Available | State::Throttled { .. }), "after a success: {:?}", state);
                 }
                 Op::Answered(i) => {
-                    health.record(i, Event::Answered, now);
+                    health.record(i, Event::Refused, now);
                     let state = health.state(i, now);
                     prop_assert!(matches!(state, State::Available | State::Throttled { .. }), "after an answer: {:?}", state);
                 }

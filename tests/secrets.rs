@@ -14,10 +14,10 @@ mod common;
 use aws_config::BehaviorVersion;
 use aws_sdk_ssm::types::ParameterType;
 use common::Logs;
-use fallback_chat::auth::ClientKeys;
 use fallback_chat::config::Config;
+use fallback_chat::config::keys::resolve;
 use fallback_chat::error::ConfigError;
-use fallback_chat::secrets::resolve;
+use fallback_chat::http::auth::ClientKeys;
 
 /// moto's server, killed when the test ends however it ends.
 struct Moto {

@@ -6,7 +6,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::{Behavior, Harness, RetryAfter, event};
-use fallback_chat::api::Reply;
+use fallback_chat::reply::Reply;
 use lambda_http::Response;
 use serde_json::{Value, json};
 

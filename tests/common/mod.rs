@@ -11,8 +11,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 #[allow(unused_imports)]
 pub use azure_openai_emulator::{Behavior, Emulator, RetryAfter};
 use fallback_chat::App;
+use fallback_chat::clock::ManualClock;
 use fallback_chat::config::Config;
-use fallback_chat::health::ManualClock;
 use lambda_http::request::LambdaRequest;
 use lambda_http::{Adapter, Context, LambdaEvent, Request, Service, service_fn};
 use lambda_runtime::layers::trace::request_span;
@@ -155,7 +155,7 @@ impl Harness {
         &self,
         path: &str,
         body: &Value,
-    ) -> lambda_http::Response<fallback_chat::api::Reply> {
+    ) -> lambda_http::Response<fallback_chat::reply::Reply> {
         let request = lambda_http::request::from_str(&http_api_post(path, &body.to_string()))
             .expect("a Lambda HTTP event");
         self.app.handle(request).await

@@ -1,11 +1,14 @@
 //! Environment -> typed [`Config`], read once at cold start. Every mistake is found here, with a
 //! message that names the variable and says what to set.
 
-use std::fmt;
+pub mod keys;
+pub mod pool;
+
 use std::time::Duration;
 
 use crate::error::ConfigError;
-use crate::pool::{self, Pool};
+use crate::pool::Pool;
+use crate::secret::Secret;
 
 pub const DEFAULT_DEPLOYMENTS: &str = "gpt-4o,gpt-35-turbo";
 /// Latest GA data-plane version (see the protocol notes); dated previews also work.
@@ -24,26 +27,6 @@ pub const DEFAULT_FIRST_TOKEN_TIMEOUT_MS: u64 = 6_000;
 pub const DEFAULT_STREAM_IDLE_TIMEOUT_MS: u64 = 10_000;
 /// Lambda's own request payload limit is 6 MB; a chat request is far smaller.
 pub const DEFAULT_MAX_BODY_BYTES: usize = 1024 * 1024;
-
-/// The Azure key: kept out of `Debug`/`Display` so it cannot leak through a log line or error.
-#[derive(Clone)]
-pub struct Secret(String);
-
-impl Secret {
-    pub fn new(value: impl Into<String>) -> Self {
-        Self(value.into())
-    }
-
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl fmt::Debug for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("Secret(***)")
-    }
-}
 
 #[derive(Clone, Debug)]
 pub struct Config {
@@ -132,7 +115,7 @@ impl Config {
                     var: "AZURE_OPENAI_ENDPOINT",
                     hint: "set it to your resource URL, e.g. https://my-resource.openai.azure.com (or describe several in FALLBACK_POOL)",
                 })?;
-                let api_key = get("AZURE_OPENAI_API_KEY").map(Secret).ok_or(ConfigError::Missing {
+                let api_key = get("AZURE_OPENAI_API_KEY").map(Secret::new).ok_or(ConfigError::Missing {
                     var: "AZURE_OPENAI_API_KEY",
                     hint: "set it to one of the two keys under 'Keys and Endpoint' of your Azure OpenAI resource",
                 })?;

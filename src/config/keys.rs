@@ -1,7 +1,7 @@
 //! Keys held in AWS. Any key variable (`AZURE_OPENAI_API_KEY`, the variables pool entries name
 //! with `key_env`, `CLIENT_API_KEYS`) may hold a reference to a Secrets Manager secret or an SSM
 //! SecureString instead of the key; [`resolve`] replaces every reference by its value once, at
-//! cold start, before the [`App`](crate::App) is built.
+//! cold start, before the `App` is built.
 //!
 //! Accepted references:
 //! - `arn:aws:secretsmanager:REGION:ACCOUNT:secret:NAME-SUFFIX`, or `secretsmanager:NAME_OR_ARN`:
@@ -10,14 +10,16 @@
 
 use std::collections::HashMap;
 use std::fmt;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use aws_config::timeout::TimeoutConfig;
 use aws_config::{BehaviorVersion, Region, SdkConfig};
 use aws_sdk_secretsmanager::error::{ProvideErrorMetadata, SdkError};
 
-use crate::config::{Config, Secret};
+use crate::clock::{Clock, SystemClock};
+use crate::config::Config;
 use crate::error::ConfigError;
+use crate::secret::Secret;
 
 /// Bounds each fetch, retries included: Lambda allows 10 s for init, and an unreachable endpoint
 /// (a VPC without a NAT gateway or endpoint) must fail with this module's message before then.
@@ -227,9 +229,9 @@ pub async fn resolve(config: &mut Config) -> Result<(), ConfigError> {
         }
     }
     let fetched = futures_util::future::join_all(sources.iter().map(|source| async {
-        let started = Instant::now();
+        let started = SystemClock.now();
         let result = fetch(&aws, source).await;
-        (result, started.elapsed())
+        (result, SystemClock.now() - started)
     }))
     .await;
     let fetched: HashMap<&Source, (Result<String, Problem>, Duration)> =

@@ -3,20 +3,24 @@
 //! untouched; `model` (or the path) picks the route; errors are OpenAI-style error objects.
 
 use std::sync::Arc;
-use std::time::{Instant, SystemTime};
 
+use bytes::Bytes;
 use lambda_http::http::{HeaderValue, Method, StatusCode, header};
-use lambda_http::{Request, RequestExt, Response};
+use lambda_http::{Request, Response};
 use serde_json::{Map, Value, json};
+use tokio::sync::mpsc;
 
 use crate::App;
-use crate::api::{Reply, Trace, fallback_headers, json_response, total_tokens};
-use crate::auth::Refusal;
-use crate::azure::ChatBody;
-use crate::error::RequestError;
-use crate::failover::Exhausted;
-use crate::health::Clock;
+use crate::attempt::{Answer, Exhausted};
+use crate::clock::Clock;
+use crate::outcome::{ChatBody, Completion};
 use crate::pool::Route;
+use crate::reply::Reply;
+use crate::routing::RouteError;
+
+use super::auth::Refusal;
+use super::summary::Summary;
+use super::{fallback_headers, json_response, retry_after_seconds};
 
 /// An error in OpenAI's shape: `{"error": {"message", "type", "param", "code", ...}}`.
 #[derive(Debug)]
@@ -76,11 +80,13 @@ impl ApiError {
     }
 }
 
-impl From<RequestError> for Box<ApiError> {
-    fn from(error: RequestError) -> Self {
+impl From<&RouteError> for Box<ApiError> {
+    fn from(error: &RouteError) -> Self {
         match error {
-            RequestError::ContentFiltered { deployment, filter } => {
-                let mut e = ApiError::invalid(filter.message, Some("prompt"), &filter.code);
+            RouteError::ContentFiltered {
+                deployment, filter, ..
+            } => {
+                let mut e = ApiError::invalid(filter.message.clone(), Some("prompt"), &filter.code);
                 e.extra.insert(
                     "innererror".into(),
                     json!({
@@ -89,17 +95,16 @@ impl From<RequestError> for Box<ApiError> {
                     }),
                 );
                 e.extra
-                    .insert("deployment".into(), Value::String(deployment));
+                    .insert("deployment".into(), Value::String(deployment.clone()));
                 e
             }
-            RequestError::Unavailable(exhausted) => unavailable(exhausted),
-            other => ApiError::invalid(other.to_string(), None, "invalid_request"),
+            RouteError::Unavailable(exhausted) => unavailable(exhausted),
         }
     }
 }
 
 /// A refused client key, in OpenAI's words.
-pub(crate) fn unauthorized(refusal: Refusal) -> Response<Reply> {
+pub(super) fn unauthorized(refusal: Refusal) -> Response<Reply> {
     let mut e = ApiError::new(
         StatusCode::UNAUTHORIZED,
         "invalid_request_error",
@@ -112,13 +117,8 @@ pub(crate) fn unauthorized(refusal: Refusal) -> Response<Reply> {
 /// Nothing answered. When every deployment that was called refused the request itself (a 400
 /// such as an unsupported parameter, or a context too long for all of them), that refusal is
 /// the answer; otherwise a 503 with when to come back.
-fn unavailable(exhausted: Exhausted) -> Box<ApiError> {
-    let called: Vec<_> = exhausted.attempts.iter().filter(|a| a.called()).collect();
-    let refused =
-        |a: &&crate::failover::Attempt| matches!(a.outcome, "rejected" | "context_length_exceeded");
-    if let Some(last) = called.last()
-        && called.iter().all(refused)
-    {
+fn unavailable(exhausted: &Exhausted) -> Box<ApiError> {
+    if let Some(last) = exhausted.refusal() {
         let mut e = ApiError::invalid(
             last.message.clone().unwrap_or_default(),
             None,
@@ -131,7 +131,7 @@ fn unavailable(exhausted: Exhausted) -> Box<ApiError> {
         e.extra.insert("attempts".into(), json!(exhausted.attempts));
         return e;
     }
-    let seconds = exhausted.retry_after.as_millis().div_ceil(1000).max(1) as u64;
+    let seconds = retry_after_seconds(exhausted.retry_after);
     let mut e = ApiError::new(
         StatusCode::SERVICE_UNAVAILABLE,
         "server_error",
@@ -146,35 +146,59 @@ fn unavailable(exhausted: Exhausted) -> Box<ApiError> {
 }
 
 impl<C: Clock> App<C> {
-    /// Chat completions on the OpenAI wire format, buffered or streamed.
-    pub(crate) async fn chat_completions(
+    /// Chat completions on the OpenAI wire format, buffered or streamed; one summary line each.
+    pub(super) async fn chat_completions(
         self: &Arc<Self>,
         request: &Request,
         path_route: Option<&str>,
     ) -> Response<Reply> {
-        let started = Instant::now();
-        let mut trace = Trace::new(path_route.unwrap_or_default());
-        let response = match self.openai(request, path_route, &mut trace).await {
-            Ok(response) => response,
+        let clock = self.engine.clock();
+        let started = clock.now();
+        let (route, body) = match self.parse(request, path_route) {
+            Ok(parsed) => parsed,
             Err(error) => {
-                trace.error = Some(error.message.clone());
-                (*error).into_response()
+                Summary::refused(path_route.unwrap_or_default(), error.message.clone())
+                    .log(error.status.as_u16(), clock.now() - started);
+                return error.into_response();
             }
         };
-        let deployment = response
-            .headers()
-            .get("x-fallback-deployment")
-            .and_then(|v| v.to_str().ok());
-        trace.log(response.status().as_u16(), deployment, started);
-        response
+        let deadline = self.deadline(request);
+        let stream = body.get("stream") == Some(&Value::Bool(true));
+        let result = if stream {
+            self.engine
+                .stream(route, &body, deadline)
+                .await
+                .map(streamed)
+        } else {
+            self.engine
+                .complete(route, &body, deadline)
+                .await
+                .map(whole)
+        };
+        let latency = clock.now() - started;
+        match result {
+            Ok((response, summary)) => {
+                summary
+                    .streamed(stream)
+                    .log(response.status().as_u16(), latency);
+                response
+            }
+            Err(error) => {
+                let api_error = Box::<ApiError>::from(&error);
+                Summary::unanswered(&error, api_error.message.clone())
+                    .streamed(stream)
+                    .log(api_error.status.as_u16(), latency);
+                api_error.into_response()
+            }
+        }
     }
 
-    async fn openai(
-        self: &Arc<Self>,
+    /// Checks method, size, JSON and `messages`, and finds the route: before any upstream call.
+    fn parse(
+        &self,
         request: &Request,
         path_route: Option<&str>,
-        trace: &mut Trace,
-    ) -> Result<Response<Reply>, Box<ApiError>> {
+    ) -> Result<(&Route, ChatBody), Box<ApiError>> {
         if request.method() != Method::POST {
             let mut e = ApiError::new(
                 StatusCode::METHOD_NOT_ALLOWED,
@@ -185,14 +209,14 @@ impl<C: Clock> App<C> {
             return Err(e);
         }
         let raw: &[u8] = request.body().as_ref();
-        if raw.len() > self.config.max_body_bytes {
+        if raw.len() > self.surface.max_body_bytes {
             let mut e = ApiError::new(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 "invalid_request_error",
                 format!(
                     "The request body is {} bytes; the limit is {} (MAX_BODY_BYTES).",
                     raw.len(),
-                    self.config.max_body_bytes
+                    self.surface.max_body_bytes
                 ),
             );
             e.code = Some("request_too_large".into());
@@ -217,48 +241,7 @@ impl<C: Clock> App<C> {
         };
         check_messages(&body)?;
         let route = self.route_for(path_route, &body)?;
-        trace.route.clone_from(&route.name);
-        let budget = self.budget(request.lambda_context_ref(), SystemTime::now());
-        // What the failover tried goes into the request's log line, whatever the outcome.
-        let keep = |trace: &mut Trace, error: RequestError| {
-            if let RequestError::Unavailable(exhausted) = &error {
-                trace.attempts = exhausted.attempts.clone();
-            }
-            Box::<ApiError>::from(error)
-        };
-
-        if body.get("stream") == Some(&Value::Bool(true)) {
-            trace.stream = true;
-            let streaming = self
-                .stream(route, &body, budget)
-                .await
-                .map_err(|e| keep(trace, e))?;
-            trace.attempts = streaming.attempts.clone();
-            let calls = streaming.attempts.iter().filter(|a| a.called()).count();
-            let mut response = Response::new(Reply::Stream(streaming.frames));
-            let headers = response.headers_mut();
-            headers.insert(
-                header::CONTENT_TYPE,
-                HeaderValue::from_static("text/event-stream"),
-            );
-            headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
-            fallback_headers(&mut response, &streaming.deployment, calls);
-            return Ok(response);
-        }
-
-        let answer = self
-            .complete(route, &body, budget)
-            .await
-            .map_err(|e| keep(trace, e))?;
-        trace.attempts = answer.attempts.clone();
-        trace.tokens = total_tokens(answer.completion.usage.as_ref());
-        let mut response = Response::new(Reply::Full(Some(answer.completion.raw.clone())));
-        response.headers_mut().insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/json"),
-        );
-        fallback_headers(&mut response, &answer.deployment, answer.calls());
-        Ok(response)
+        Ok((route, body))
     }
 
     /// The route a request names: the Azure path's deployment, else the body's `model`. A pool
@@ -268,7 +251,7 @@ impl<C: Clock> App<C> {
         path_route: Option<&str>,
         body: &ChatBody,
     ) -> Result<&Route, Box<ApiError>> {
-        let pool = &self.config.pool;
+        let pool = self.engine.pool();
         let name = path_route.or_else(|| body.get("model").and_then(Value::as_str));
         match name {
             Some(name) => pool
@@ -292,6 +275,33 @@ impl<C: Clock> App<C> {
             e
         })
     }
+}
+
+/// A whole completion, passed through exactly as the deployment sent it.
+fn whole(answer: Answer<Completion>) -> (Response<Reply>, Summary) {
+    let mut response = Response::new(Reply::full(answer.output.raw.clone()));
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    fallback_headers(&mut response, &answer.deployment, answer.calls());
+    let tokens = answer.output.total_tokens();
+    (response, Summary::answered(&answer, tokens))
+}
+
+/// A stream, relayed as the deployment produces it.
+fn streamed(answer: Answer<mpsc::Receiver<Bytes>>) -> (Response<Reply>, Summary) {
+    let summary = Summary::answered(&answer, None);
+    let calls = answer.calls();
+    let mut response = Response::new(Reply::stream(answer.output));
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream"),
+    );
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    fallback_headers(&mut response, &answer.deployment, calls);
+    (response, summary)
 }
 
 fn check_messages(body: &ChatBody) -> Result<(), Box<ApiError>> {

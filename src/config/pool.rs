@@ -1,0 +1,439 @@
+//! Reads the deployment pool: JSON in `FALLBACK_POOL` (or a file named by `FALLBACK_POOL_FILE`),
+//! or the simple `AZURE_OPENAI_*` variables, which build a pool of one endpoint in a fixed order.
+//! Every mistake is named with its entry and field.
+
+use std::collections::{BTreeMap, HashMap};
+
+use serde::Deserialize;
+use url::Url;
+
+use crate::error::ConfigError;
+use crate::pool::{ApiStyle, Deployment, Pool, Route};
+use crate::secret::Secret;
+
+/// Defaults the pool's entries inherit from the simple variables.
+pub struct Defaults<'a> {
+    pub endpoint: Option<String>,
+    pub api_version: &'a str,
+}
+
+/// One deployment in the pool JSON.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EntrySpec {
+    id: Option<String>,
+    endpoint: Option<String>,
+    deployment: String,
+    key_env: Option<String>,
+    api: Option<String>,
+    api_version: Option<String>,
+    priority: Option<u32>,
+    weight: Option<f64>,
+    context_window: Option<u32>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PoolSpec {
+    deployments: Vec<EntrySpec>,
+    #[serde(default)]
+    routes: BTreeMap<String, Vec<String>>,
+    default_route: Option<String>,
+}
+
+/// The key variable an entry uses when it names none.
+pub const DEFAULT_KEY_ENV: &str = "AZURE_OPENAI_API_KEY";
+
+/// Parses and validates the pool JSON. `var` names where it came from, for error messages;
+/// `lookup` reads the key variables the entries name.
+pub fn parse(
+    json: &str,
+    var: &'static str,
+    defaults: &Defaults<'_>,
+    lookup: &dyn Fn(&str) -> Option<String>,
+) -> Result<Pool, ConfigError> {
+    let invalid = |reason: String| ConfigError::Invalid { var, reason };
+    let spec: PoolSpec = serde_json::from_str(json).map_err(|e| {
+        let hint = if e.to_string().contains("unknown field `key") {
+            " (keys are never written inline: name the variable that holds it with \"key_env\")"
+        } else {
+            ""
+        };
+        invalid(format!("{e}{hint}"))
+    })?;
+    if spec.deployments.is_empty() {
+        return Err(invalid("\"deployments\" is empty".into()));
+    }
+
+    let mut deployments = Vec::with_capacity(spec.deployments.len());
+    for (i, entry) in spec.deployments.into_iter().enumerate() {
+        let at =
+            |field: &str, reason: String| invalid(format!("deployments[{i}].{field}: {reason}"));
+        check_deployment_name(&entry.deployment).map_err(|r| at("deployment", r))?;
+        let endpoint = entry
+            .endpoint
+            .or_else(|| defaults.endpoint.clone())
+            .ok_or_else(|| {
+                at(
+                    "endpoint",
+                    "missing (and AZURE_OPENAI_ENDPOINT is not set)".into(),
+                )
+            })
+            .and_then(|e| parse_endpoint(&e).map_err(|r| at("endpoint", r)))?;
+        let api = match entry.api.as_deref() {
+            None | Some("classic") => ApiStyle::Classic {
+                api_version: match entry.api_version {
+                    Some(v) if is_api_version(&v) => v,
+                    Some(v) => {
+                        return Err(at(
+                            "api_version",
+                            format!("{v:?} is not a date such as 2024-10-21"),
+                        ));
+                    }
+                    None => defaults.api_version.to_owned(),
+                },
+            },
+            Some("v1") if entry.api_version.is_some() => {
+                return Err(at(
+                    "api_version",
+                    "v1 takes no api-version; remove it".into(),
+                ));
+            }
+            Some("v1") => ApiStyle::V1,
+            Some(other) => {
+                return Err(at(
+                    "api",
+                    format!("{other:?}: expected \"classic\" or \"v1\""),
+                ));
+            }
+        };
+        let key_env = entry.key_env.unwrap_or_else(|| DEFAULT_KEY_ENV.to_owned());
+        let key = lookup(&key_env)
+            .map(|k| k.trim().to_owned())
+            .filter(|k| !k.is_empty());
+        if key.is_none() && matches!(api, ApiStyle::Classic { .. }) {
+            return Err(at(
+                "key_env",
+                format!("the variable {key_env} it names is not set"),
+            ));
+        }
+        let weight = entry.weight.unwrap_or(1.0);
+        if !(weight.is_finite() && weight > 0.0) {
+            return Err(at("weight", format!("{weight} is not a positive number")));
+        }
+        if entry.context_window == Some(0) {
+            return Err(at(
+                "context_window",
+                "must be a positive number of tokens".into(),
+            ));
+        }
+        deployments.push(Deployment {
+            id: entry.id.unwrap_or_else(|| entry.deployment.clone()),
+            endpoint,
+            deployment: entry.deployment,
+            key: key.map(Secret::new),
+            key_var: key_env,
+            api,
+            priority: entry.priority.unwrap_or(0),
+            weight,
+            context_window: entry.context_window,
+        });
+    }
+
+    let mut index: HashMap<&str, usize> = HashMap::new();
+    for (i, d) in deployments.iter().enumerate() {
+        if let Some(first) = index.insert(&d.id, i) {
+            return Err(invalid(format!(
+                "deployments[{first}] and deployments[{i}] are both called {:?}; give each a distinct \"id\"",
+                d.id
+            )));
+        }
+    }
+
+    let mut routes = Vec::new();
+    let open_routes = spec.routes.is_empty();
+    if open_routes {
+        routes.push(Route {
+            name: "default".into(),
+            members: (0..deployments.len()).collect(),
+        });
+    }
+    for (name, ids) in &spec.routes {
+        if ids.is_empty() {
+            return Err(invalid(format!("routes.{name} lists no deployments")));
+        }
+        let members = ids
+            .iter()
+            .map(|id| {
+                index.get(id.as_str()).copied().ok_or_else(|| {
+                    invalid(format!(
+                        "routes.{name} names {id:?}, which is not a deployment id"
+                    ))
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        routes.push(Route {
+            name: name.clone(),
+            members,
+        });
+    }
+    let default_route = match &spec.default_route {
+        Some(name) => routes
+            .iter()
+            .position(|r| &r.name == name)
+            .ok_or_else(|| invalid(format!("default_route {name:?} is not one of the routes")))?,
+        None if routes.len() == 1 => 0,
+        None => routes
+            .iter()
+            .position(|r| r.name == "default")
+            .ok_or_else(|| {
+                invalid(
+                    "several routes and no \"default_route\": name the one GET /?query= uses"
+                        .into(),
+                )
+            })?,
+    };
+
+    Ok(Pool {
+        deployments,
+        routes,
+        default_route,
+        open_routes,
+    })
+}
+
+/// The simple variables' pool: one endpoint, the deployments tried strictly in the given order.
+pub fn ordered(endpoint: String, key: Secret, names: Vec<String>, api_version: &str) -> Pool {
+    let deployments = names
+        .into_iter()
+        .enumerate()
+        .map(|(i, name)| Deployment {
+            id: name.clone(),
+            endpoint: endpoint.clone(),
+            deployment: name,
+            key: Some(key.clone()),
+            key_var: DEFAULT_KEY_ENV.to_owned(),
+            api: ApiStyle::Classic {
+                api_version: api_version.to_owned(),
+            },
+            priority: i as u32,
+            weight: 1.0,
+            context_window: None,
+        })
+        .collect::<Vec<_>>();
+    let members = (0..deployments.len()).collect();
+    Pool {
+        deployments,
+        routes: vec![Route {
+            name: "default".into(),
+            members,
+        }],
+        default_route: 0,
+        open_routes: true,
+    }
+}
+
+/// A base URL: http(s), a host, no query, fragment or credentials. Returned without trailing slash.
+pub fn parse_endpoint(value: &str) -> Result<String, String> {
+    let url = Url::parse(value)
+        .map_err(|e| format!("{e}; expected e.g. https://my-resource.openai.azure.com"))?;
+    if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
+        return Err("expected an http(s) URL such as https://my-resource.openai.azure.com".into());
+    }
+    if url.query().is_some() || url.fragment().is_some() {
+        return Err("must not carry a query or fragment; give the resource URL only".into());
+    }
+    if !url.username().is_empty() || url.password().is_some() {
+        return Err("must not embed credentials; keys go in their own variable".into());
+    }
+    let base = url.as_str().trim_end_matches('/');
+    // A pasted ".../openai" suffix would double the path segment.
+    Ok(base.strip_suffix("/openai").unwrap_or(base).to_owned())
+}
+
+/// Azure deployment names: letters, digits, '-', '_' and '.', up to 64 characters. v1 servers
+/// use model names such as `llama3.1:8b` or `org/model`, so ':' and '/' pass too.
+pub fn check_deployment_name(name: &str) -> Result<(), String> {
+    let ok = !name.is_empty()
+        && name.len() <= 128
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | ':' | '/'))
+        && !name.contains("..");
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "{name:?} is not a deployment name (letters, digits, '-', '_', '.', ':', '/')"
+        ))
+    }
+}
+
+pub fn is_api_version(v: &str) -> bool {
+    let (date, suffix) = v.split_at(v.len().min(10));
+    let b = date.as_bytes();
+    b.len() == 10
+        && b.iter().enumerate().all(|(i, c)| {
+            if i == 4 || i == 7 {
+                *c == b'-'
+            } else {
+                c.is_ascii_digit()
+            }
+        })
+        && (suffix.is_empty() || suffix == "-preview")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lookup(name: &str) -> Option<String> {
+        match name {
+            "KEY_EAST" => Some("east-secret".into()),
+            "KEY_WEST" => Some("west-secret".into()),
+            "AZURE_OPENAI_API_KEY" => Some("default-secret".into()),
+            _ => None,
+        }
+    }
+
+    fn pool(json: &str) -> Result<Pool, String> {
+        let defaults = Defaults {
+            endpoint: None,
+            api_version: "2024-10-21",
+        };
+        parse(json, "FALLBACK_POOL", &defaults, &lookup).map_err(|e| e.to_string())
+    }
+
+    const TWO_REGIONS: &str = r#"{
+      "deployments": [
+        {"id": "east-ptu", "endpoint": "https://east.openai.azure.com/", "deployment": "gpt-4o",
+         "key_env": "KEY_EAST", "priority": 0, "context_window": 128000},
+        {"id": "east-paygo", "endpoint": "https://east.openai.azure.com", "deployment": "gpt-4o-paygo",
+         "key_env": "KEY_EAST", "priority": 1, "weight": 3},
+        {"id": "west", "endpoint": "https://west.openai.azure.com", "deployment": "gpt-4o",
+         "key_env": "KEY_WEST", "api": "v1", "priority": 1},
+        {"id": "local", "endpoint": "http://127.0.0.1:11434/v1", "deployment": "llama3.1:8b",
+         "key_env": "NO_SUCH_KEY", "api": "v1", "priority": 2}
+      ],
+      "routes": {"chat": ["east-ptu", "east-paygo", "west", "local"], "mini": ["west"]},
+      "default_route": "chat"
+    }"#;
+
+    #[test]
+    fn a_two_region_pool_parses_with_urls_keys_and_routes() {
+        let p = pool(TWO_REGIONS).unwrap();
+        assert_eq!(p.deployments.len(), 4);
+        let d = &p.deployments;
+        assert_eq!(
+            d[0].url(),
+            "https://east.openai.azure.com/openai/deployments/gpt-4o/chat/completions?api-version=2024-10-21"
+        );
+        assert_eq!(
+            d[2].url(),
+            "https://west.openai.azure.com/openai/v1/chat/completions"
+        );
+        assert_eq!(d[3].url(), "http://127.0.0.1:11434/v1/chat/completions");
+        assert_eq!(d[0].key.as_ref().unwrap().expose(), "east-secret");
+        assert!(d[3].key.is_none(), "a v1 server may take no key");
+        assert_eq!((d[1].priority, d[1].weight), (1, 3.0));
+        assert_eq!(d[0].context_window, Some(128000));
+        assert_eq!(p.default_route().name, "chat");
+        assert_eq!(p.route("mini").unwrap().members, [2]);
+    }
+
+    #[test]
+    fn entries_inherit_the_simple_variables() {
+        let defaults = Defaults {
+            endpoint: Some("https://res.openai.azure.com".into()),
+            api_version: "2025-04-01-preview",
+        };
+        let p = parse(
+            r#"{"deployments":[{"deployment":"gpt-4o"}]}"#,
+            "FALLBACK_POOL",
+            &defaults,
+            &lookup,
+        )
+        .unwrap();
+        let d = &p.deployments[0];
+        assert_eq!(d.id, "gpt-4o");
+        assert!(
+            d.url()
+                .starts_with("https://res.openai.azure.com/openai/deployments/gpt-4o/")
+        );
+        assert!(d.url().ends_with("2025-04-01-preview"));
+        assert_eq!(d.key.as_ref().unwrap().expose(), "default-secret");
+        assert_eq!(p.default_route().members, [0]);
+    }
+
+    #[test]
+    fn mistakes_are_named_precisely() {
+        for (json, expected) in [
+            ("{", "FALLBACK_POOL is invalid"),
+            (r#"{"deployments":[]}"#, "is empty"),
+            (
+                r#"{"deployments":[{"deployment":"a","endpoint":"https://x","key":"sk-1"}]}"#,
+                "key_env",
+            ),
+            (
+                r#"{"deployments":[{"deployment":"a","endpoint":"https://x","key_env":"NOPE"}]}"#,
+                "deployments[0].key_env: the variable NOPE",
+            ),
+            (
+                r#"{"deployments":[{"deployment":"a","key_env":"KEY_EAST"}]}"#,
+                "deployments[0].endpoint: missing",
+            ),
+            (
+                r#"{"deployments":[{"deployment":"a","endpoint":"ftp://x","key_env":"KEY_EAST"}]}"#,
+                "deployments[0].endpoint",
+            ),
+            (
+                r#"{"deployments":[{"deployment":"a b","endpoint":"https://x","key_env":"KEY_EAST"}]}"#,
+                "deployments[0].deployment",
+            ),
+            (
+                r#"{"deployments":[{"deployment":"a","endpoint":"https://x","key_env":"KEY_EAST","api":"v2"}]}"#,
+                "deployments[0].api",
+            ),
+            (
+                r#"{"deployments":[{"deployment":"a","endpoint":"https://x","key_env":"KEY_EAST","weight":0}]}"#,
+                "deployments[0].weight",
+            ),
+            (
+                r#"{"deployments":[{"deployment":"a","endpoint":"https://x","key_env":"KEY_EAST"},{"deployment":"a","endpoint":"https://y","key_env":"KEY_EAST"}]}"#,
+                "distinct \"id\"",
+            ),
+            (
+                r#"{"deployments":[{"deployment":"a","endpoint":"https://x","key_env":"KEY_EAST"}],"routes":{"chat":["b"]}}"#,
+                "routes.chat names \"b\"",
+            ),
+            (
+                r#"{"deployments":[{"deployment":"a","endpoint":"https://x","key_env":"KEY_EAST"}],"routes":{"x":["a"],"y":["a"]}}"#,
+                "default_route",
+            ),
+            (
+                r#"{"deployments":[{"deployment":"a","endpoint":"https://x","key_env":"KEY_EAST"}],"default_route":"z"}"#,
+                "default_route \"z\"",
+            ),
+        ] {
+            let err = pool(json).unwrap_err();
+            assert!(err.contains(expected), "{json}\n  -> {err}");
+            assert!(
+                !err.contains("sk-1") && !err.contains("east-secret"),
+                "{err}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_simple_variables_mean_one_endpoint_in_this_order() {
+        let p = ordered(
+            "https://res.openai.azure.com".into(),
+            Secret::new("k"),
+            vec!["gpt-4o".into(), "gpt-35-turbo".into()],
+            "2024-10-21",
+        );
+        let priorities: Vec<u32> = p.deployments.iter().map(|d| d.priority).collect();
+        assert_eq!(priorities, [0, 1]);
+        assert_eq!(p.default_route().members, [0, 1]);
+    }
+}

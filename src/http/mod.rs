@@ -1,0 +1,184 @@
+//! The HTTP surface: one table of endpoints, client keys checked before anything costs quota,
+//! and each request's one summary log line. The only place that knows HTTP statuses.
+
+mod ask;
+pub mod auth;
+mod openai;
+mod summary;
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use lambda_http::http::{HeaderValue, StatusCode, header};
+use lambda_http::{Body, Context, Request, RequestExt, Response};
+use serde::Serialize;
+use serde_json::json;
+
+use crate::App;
+use crate::clock::Clock;
+use crate::config::Config;
+use crate::reply::Reply;
+use crate::telemetry;
+
+/// Lambda never runs longer than 15 minutes: a deadline further away is not an epoch time
+/// (as under `cargo lambda watch`), so the configured budget applies alone.
+const MAX_LAMBDA_RUNTIME: Duration = Duration::from_secs(15 * 60);
+
+/// The surface's own settings (read from the environment at cold start).
+#[derive(Debug, Clone)]
+pub struct Surface {
+    pub system_prompt: String,
+    pub max_query_chars: usize,
+    pub max_body_bytes: usize,
+    pub request_timeout: Duration,
+    pub deadline_margin: Duration,
+    /// Lambda response streaming (a Function URL with InvokeMode RESPONSE_STREAM) rather than
+    /// one buffered response per invocation.
+    pub response_streaming: bool,
+}
+
+impl From<&Config> for Surface {
+    fn from(config: &Config) -> Self {
+        Self {
+            system_prompt: config.system_prompt.clone(),
+            max_query_chars: config.max_query_chars,
+            max_body_bytes: config.max_body_bytes,
+            request_timeout: config.request_timeout,
+            deadline_margin: config.deadline_margin,
+            response_streaming: config.response_streaming,
+        }
+    }
+}
+
+/// Which handler a path belongs to: the one table of endpoints.
+enum Endpoint<'a> {
+    /// `GET /?query=`: the original chatbot's interface.
+    Ask,
+    /// `POST /v1/chat/completions`: OpenAI clients.
+    OpenAi,
+    /// `POST /openai/deployments/{route}/chat/completions`: Azure OpenAI clients.
+    Azure {
+        route: &'a str,
+    },
+    Unknown,
+}
+
+fn endpoint(path: &str) -> Endpoint<'_> {
+    match path {
+        "/" => Endpoint::Ask,
+        "/v1/chat/completions" => Endpoint::OpenAi,
+        _ => match path
+            .strip_prefix("/openai/deployments/")
+            .and_then(|rest| rest.strip_suffix("/chat/completions"))
+        {
+            Some(route) if !route.is_empty() && !route.contains('/') => Endpoint::Azure { route },
+            _ => Endpoint::Unknown,
+        },
+    }
+}
+
+/// The request's path as the caller sent it (API Gateway's raw path when there is one).
+fn path(request: &Request) -> &str {
+    match request.raw_http_path() {
+        "" => request.uri().path(),
+        raw => raw,
+    }
+}
+
+impl<C: Clock> App<C> {
+    /// Answers one HTTP request, streaming when the caller asked for a stream. Never fails:
+    /// every problem becomes a JSON error response.
+    pub async fn handle(self: &Arc<Self>, request: Request) -> Response<Reply> {
+        let response = self.serve(request).await;
+        // What the request recorded; a stream still running flushes its own when it ends.
+        telemetry::flush(self.metrics);
+        response
+    }
+
+    async fn serve(self: &Arc<Self>, request: Request) -> Response<Reply> {
+        let path = path(&request).to_owned();
+        let endpoint = endpoint(&path);
+        if let Err(refusal) = self.keys.check(request.headers()) {
+            tracing::info!(status = 401, path, reason = %refusal, "request refused");
+            let mut response = match endpoint {
+                Endpoint::OpenAi | Endpoint::Azure { .. } => openai::unauthorized(refusal),
+                Endpoint::Ask | Endpoint::Unknown => json_response(
+                    StatusCode::UNAUTHORIZED,
+                    &json!({ "error": refusal.to_string() }),
+                ),
+            };
+            response
+                .headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            return response;
+        }
+        match endpoint {
+            Endpoint::OpenAi => self.chat_completions(&request, None).await,
+            Endpoint::Azure { route } => self.chat_completions(&request, Some(route)).await,
+            Endpoint::Ask => self.ask(&request).await,
+            Endpoint::Unknown => self.not_found(&request),
+        }
+    }
+
+    /// [`App::handle`] with the whole body at once, as API Gateway, ALB and buffered Function
+    /// URLs need it; a requested stream is sent complete, as `text/event-stream`.
+    pub async fn handle_buffered(self: &Arc<Self>, request: Request) -> Response<Body> {
+        let (parts, reply) = self.handle(request).await.into_parts();
+        let bytes = reply.collect().await;
+        let body = match String::from_utf8(bytes.to_vec()) {
+            Ok(text) => Body::Text(text),
+            Err(_) => Body::Binary(bytes.to_vec()),
+        };
+        Response::from_parts(parts, body)
+    }
+
+    /// Time this request may spend upstream: the configured budget, cut to the Lambda deadline
+    /// minus a margin for sending the response. `now` is the wall-clock time.
+    pub fn budget(&self, context: Option<&Context>, now: SystemTime) -> Duration {
+        let configured = self.surface.request_timeout;
+        let Some(deadline_ms) = context.map(|c| c.deadline) else {
+            return configured;
+        };
+        let now_ms = now
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        let remaining = Duration::from_millis(deadline_ms.saturating_sub(now_ms));
+        if remaining.is_zero() || remaining > MAX_LAMBDA_RUNTIME {
+            return configured;
+        }
+        configured.min(remaining.saturating_sub(self.surface.deadline_margin))
+    }
+
+    /// The request's deadline, on the engine's clock.
+    fn deadline(&self, request: &Request) -> std::time::Instant {
+        let clock = self.engine.clock();
+        let budget = self.budget(request.lambda_context_ref(), clock.wall());
+        clock.now() + budget
+    }
+}
+
+/// Who answered, and after how many deployments were called.
+fn fallback_headers<B>(response: &mut Response<B>, deployment: &str, calls: usize) {
+    let headers = response.headers_mut();
+    if let Ok(v) = HeaderValue::from_str(deployment) {
+        headers.insert("x-fallback-deployment", v);
+    }
+    headers.insert("x-fallback-attempts", HeaderValue::from(calls));
+}
+
+fn json_response(status: StatusCode, body: &impl Serialize) -> Response<Reply> {
+    let mut response = Response::new(Reply::json(body));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    response
+}
+
+/// Retry-After is whole seconds; round up so a client never comes back too early.
+fn retry_after_seconds(wait: Duration) -> u64 {
+    u64::try_from(wait.as_millis().div_ceil(1000))
+        .unwrap_or(u64::MAX)
+        .max(1)
+}

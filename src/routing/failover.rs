@@ -1,0 +1,367 @@
+//! The policy, top to bottom: choose the next deployment (health decides which are usable,
+//! priority and weight decide among them), call it within what is left of the deadline,
+//! classify the outcome, record it, and decide whether to go on. One loop for buffered and
+//! streamed calls alike; the call itself is the only thing that differs.
+
+use std::future::Future;
+use std::time::{Duration, Instant};
+
+use crate::attempt::{Answer, Attempt, AttemptOutcome, DeploymentState, Exhausted};
+use crate::clock::{Clock, millis};
+use crate::health::{Event, State};
+use crate::outcome::{Called, Failure, Transient};
+use crate::pool::{Deployment, Route};
+use crate::telemetry;
+
+use super::engine::{Engine, RouteError};
+
+/// An attempt needs at least this long to be worth starting (one in-region round trip).
+pub const MIN_ATTEMPT: Duration = Duration::from_millis(100);
+/// A deployment that failed without saying when it recovers may be worth asking this soon.
+const TRANSIENT_RECOVERY: Duration = Duration::from_secs(1);
+
+/// What the request has learned so far about which deployments are worth trying.
+struct Tried {
+    called: Vec<bool>,
+    /// After a context_length_exceeded, only a larger window than this can help.
+    needs_window_over: Option<u32>,
+}
+
+impl Tried {
+    /// Whether deployment `i` cannot help: already called, or no larger than a window that was
+    /// already too small.
+    fn rules_out(&self, i: usize, pool: &[Deployment]) -> bool {
+        self.called[i] || self.too_small(i, pool)
+    }
+
+    fn too_small(&self, i: usize, pool: &[Deployment]) -> bool {
+        matches!(
+            (self.needs_window_over, pool[i].context_window),
+            (Some(need), Some(window)) if window <= need
+        )
+    }
+}
+
+impl<C: Clock> Engine<C> {
+    /// The loop every request runs: choose a deployment, let `call` try it (once, or twice
+    /// after a single 500 or reset) with what is left of the time before `deadline`, and go on
+    /// according to the outcome until one answers or none is left. `call` gets the deployment's
+    /// index and the time its call may take.
+    pub(super) async fn failover<T, F, Fut>(
+        &self,
+        route: &Route,
+        deadline: Instant,
+        call: F,
+    ) -> Result<(usize, Answer<T>), RouteError>
+    where
+        F: Fn(usize, Duration) -> Fut,
+        Fut: Future<Output = Called<T>>,
+    {
+        let pool = &self.pool.deployments;
+        let mut tried = Tried {
+            called: vec![false; pool.len()],
+            needs_window_over: None,
+        };
+        let mut attempts = Vec::new();
+        let mut out_of_time = false;
+        let mut failed: Option<usize> = None;
+
+        loop {
+            if self.remaining(deadline) < MIN_ATTEMPT {
+                out_of_time = true;
+                break;
+            }
+            let skip = |i: usize| tried.rules_out(i, pool);
+            let Some(index) = self
+                .health
+                .select(&route.members, pool, skip, self.clock.now())
+            else {
+                break;
+            };
+            tried.called[index] = true;
+            if let Some(previous) = failed.take() {
+                telemetry::failover(self.id(previous));
+            }
+            let (attempt, result) = self.attempt(index, deadline, &call).await;
+            attempts.push(attempt);
+            match result {
+                Ok(output) => {
+                    let answer = Answer {
+                        route: route.name.clone(),
+                        deployment: self.id(index).to_owned(),
+                        output,
+                        attempts,
+                    };
+                    return Ok((index, answer));
+                }
+                Err(Failure::ContentFiltered(filter)) => {
+                    return Err(RouteError::ContentFiltered {
+                        route: route.name.clone(),
+                        deployment: self.id(index).to_owned(),
+                        filter,
+                        attempts,
+                    });
+                }
+                Err(Failure::ContextLengthExceeded { .. }) => {
+                    // Never the same one again; only a larger configured window can help.
+                    if let Some(window) = pool[index].context_window {
+                        tried.needs_window_over =
+                            Some(tried.needs_window_over.map_or(window, |w| w.max(window)));
+                    }
+                }
+                Err(_) => {}
+            }
+            failed = Some(index);
+        }
+        telemetry::unavailable(&route.name);
+        Err(RouteError::Unavailable(self.exhausted(
+            route,
+            &tried,
+            attempts,
+            out_of_time,
+        )))
+    }
+
+    /// Time left before `deadline`.
+    pub(super) fn remaining(&self, deadline: Instant) -> Duration {
+        deadline.saturating_duration_since(self.clock.now())
+    }
+
+    /// One deployment: a call, and once more after a single 500 or reset when time allows.
+    async fn attempt<T, F, Fut>(
+        &self,
+        index: usize,
+        deadline: Instant,
+        call: &F,
+    ) -> (Attempt, Result<T, Failure>)
+    where
+        F: Fn(usize, Duration) -> Fut,
+        Fut: Future<Output = Called<T>>,
+    {
+        let started = self.clock.now();
+        let mut retried = false;
+        loop {
+            let timeout = self.settings.attempt_timeout.min(self.remaining(deadline));
+            let call_started = self.clock.now();
+            let called = call(index, timeout).await;
+            let attempt = self.settle(index, &called, started, call_started, retried);
+            if let Err(failure) = &called.result
+                && self.retry_once(index, failure, retried, deadline)
+            {
+                retried = true;
+                continue;
+            }
+            return (attempt, called.result);
+        }
+    }
+
+    /// Whether a failed call deserves its one quick retry on the same deployment: a single
+    /// 500 or reset, never a 4xx, while the circuit still lets it in and the deadline leaves room.
+    fn retry_once(
+        &self,
+        index: usize,
+        failure: &Failure,
+        retried: bool,
+        deadline: Instant,
+    ) -> bool {
+        !retried
+            && matches!(
+                failure,
+                Failure::Transient(Transient::Status(500) | Transient::Reset)
+            )
+            && self.health.state(index, self.clock.now()).usable()
+            && self.remaining(deadline) >= MIN_ATTEMPT
+    }
+
+    /// Records what one call came to in the health table, and describes and logs it as an
+    /// attempt (`started` is when this deployment's first call began).
+    fn settle<T>(
+        &self,
+        index: usize,
+        called: &Called<T>,
+        started: Instant,
+        call_started: Instant,
+        retried: bool,
+    ) -> Attempt {
+        let now = self.clock.now();
+        let event = match &called.result {
+            Ok(_) => Event::Success {
+                latency: now - call_started,
+                remaining_requests: called.quota.remaining_requests,
+                remaining_tokens: called.quota.remaining_tokens,
+            },
+            Err(Failure::Throttled { retry_after }) => Event::Throttled {
+                until: now + retry_after.unwrap_or(self.settings.throttle_cooldown),
+            },
+            Err(Failure::Transient(_) | Failure::Misconfigured { .. }) => Event::Failure,
+            Err(_) => Event::Refused,
+        };
+        self.health.record(index, event, now);
+
+        let mut attempt = Attempt {
+            deployment: self.id(index).to_owned(),
+            outcome: AttemptOutcome::Ok,
+            status: called.status,
+            ms: millis(now - started),
+            retry_after_ms: None,
+            retried,
+            code: None,
+            message: None,
+        };
+        if let Err(failure) = &called.result {
+            attempt.outcome = outcome(failure);
+            match failure {
+                Failure::Throttled { .. } => {
+                    // The table may hold a longer cooldown than this 429 asked for.
+                    let until = self.health.state(index, now).until();
+                    attempt.retry_after_ms = Some(until.map_or(0, |u| millis(u - now)));
+                }
+                Failure::Misconfigured {
+                    status,
+                    code,
+                    message,
+                } => {
+                    attempt.message = Some(misconfiguration_hint(*status, code, message));
+                    attempt.code = Some(code.clone()).filter(|c| !c.is_empty());
+                }
+                Failure::ContextLengthExceeded { message } => {
+                    attempt.code = Some("context_length_exceeded".into());
+                    attempt.message = Some(message.clone());
+                }
+                Failure::Rejected { message, code, .. } => {
+                    attempt.message = Some(message.clone());
+                    attempt.code = Some(code.clone()).filter(|c| !c.is_empty());
+                }
+                Failure::Transient(_) | Failure::ContentFiltered(_) => {}
+            }
+        }
+        log_attempt(&attempt);
+        telemetry::call(&attempt);
+        attempt
+    }
+
+    /// Why every deployment that was not called was left out, and when the soonest recovers.
+    fn exhausted(
+        &self,
+        route: &Route,
+        tried: &Tried,
+        mut attempts: Vec<Attempt>,
+        out_of_time: bool,
+    ) -> Exhausted {
+        let pool = &self.pool.deployments;
+        let now = self.clock.now();
+        let mut deployments = Vec::with_capacity(route.members.len());
+        let mut soonest = None::<Duration>;
+        for &i in &route.members {
+            let state = self.health.state(i, now);
+            let wait = state
+                .until()
+                .map(|until| until.saturating_duration_since(now));
+            let recovery = wait.unwrap_or(TRANSIENT_RECOVERY);
+            soonest = Some(soonest.map_or(recovery, |s| s.min(recovery)));
+            deployments.push(DeploymentState {
+                deployment: pool[i].id.clone(),
+                state: state.availability(),
+                recovers_in_ms: wait.map(millis),
+            });
+            if tried.called[i] {
+                continue;
+            }
+            let outcome = match state {
+                State::Throttled { .. } => AttemptOutcome::CoolingDown,
+                State::CircuitOpen { .. } => AttemptOutcome::CircuitOpen,
+                State::ProbeInFlight => AttemptOutcome::ProbeInFlight,
+                _ if tried.too_small(i, pool) => AttemptOutcome::ContextWindowTooSmall,
+                _ if out_of_time => AttemptOutcome::DeadlineExceeded,
+                _ => continue,
+            };
+            let attempt = Attempt::not_called(&pool[i].id, outcome, wait);
+            log_attempt(&attempt);
+            attempts.push(attempt);
+        }
+        Exhausted {
+            route: route.name.clone(),
+            attempts,
+            deployments,
+            retry_after: soonest.unwrap_or(self.settings.throttle_cooldown),
+        }
+    }
+}
+
+/// How an attempt that got no answer is named.
+fn outcome(failure: &Failure) -> AttemptOutcome {
+    match failure {
+        Failure::Throttled { .. } => AttemptOutcome::Throttled,
+        Failure::Transient(Transient::Status(408) | Transient::Timeout) => AttemptOutcome::Timeout,
+        Failure::Transient(Transient::FirstTokenTimeout) => AttemptOutcome::FirstTokenTimeout,
+        Failure::Transient(Transient::Status(_)) => AttemptOutcome::ServerError,
+        Failure::Transient(Transient::Connect) => AttemptOutcome::ConnectionError,
+        Failure::Transient(Transient::Reset) => AttemptOutcome::ConnectionReset,
+        Failure::Transient(Transient::BadResponse) => AttemptOutcome::BadResponse,
+        Failure::Misconfigured { .. } => AttemptOutcome::Misconfigured,
+        Failure::ContentFiltered(_) => AttemptOutcome::ContentFilter,
+        Failure::ContextLengthExceeded { .. } => AttemptOutcome::ContextLengthExceeded,
+        Failure::Rejected { .. } => AttemptOutcome::Rejected,
+    }
+}
+
+fn misconfiguration_hint(status: u16, code: &str, message: &str) -> String {
+    let fix = match (status, code) {
+        (404, "DeploymentNotFound") => {
+            "no such deployment on this resource: check AZURE_OPENAI_DEPLOYMENTS (or the entry in FALLBACK_POOL)"
+        }
+        (404, _) => {
+            "not found: check AZURE_OPENAI_ENDPOINT and AZURE_OPENAI_API_VERSION (or the entry in FALLBACK_POOL)"
+        }
+        _ => {
+            "access denied: check AZURE_OPENAI_API_KEY (or the entry's key_env) belongs to the endpoint's resource"
+        }
+    };
+    if message.is_empty() {
+        fix.to_owned()
+    } else {
+        format!("{fix} (Azure said: {message})")
+    }
+}
+
+/// One structured line per attempt; the Lambda request id comes from the runtime's span.
+fn log_attempt(a: &Attempt) {
+    let (deployment, outcome, status, latency_ms, retry_after_ms, retried) = (
+        &a.deployment,
+        a.outcome.as_str(),
+        a.status,
+        a.ms,
+        a.retry_after_ms,
+        a.retried,
+    );
+    match a.outcome {
+        AttemptOutcome::Ok => tracing::info!(
+            deployment,
+            outcome,
+            status,
+            latency_ms,
+            retry_after_ms,
+            retried,
+            "upstream attempt"
+        ),
+        AttemptOutcome::Misconfigured => tracing::error!(
+            deployment,
+            outcome,
+            status,
+            latency_ms,
+            retry_after_ms,
+            retried,
+            detail = a.message.as_deref(),
+            "upstream attempt: configuration error"
+        ),
+        _ => tracing::warn!(
+            deployment,
+            outcome,
+            status,
+            latency_ms,
+            retry_after_ms,
+            retried,
+            "upstream attempt"
+        ),
+    }
+}

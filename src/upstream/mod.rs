@@ -1,0 +1,209 @@
+//! The upstream client: the only code that knows reqwest and Azure OpenAI's wire format. It
+//! builds each deployment's request once, makes one call when asked, and reads the answer into
+//! a typed [`Called`]. It never retries and never sleeps; routing decides what happens next.
+
+mod events;
+mod wire;
+
+use std::time::{Duration, SystemTime};
+
+use reqwest::header::{AUTHORIZATION, CONTENT_TYPE, HeaderName, HeaderValue};
+use reqwest::{Client, RequestBuilder, Response};
+use serde_json::Value;
+
+use crate::clock::Clock;
+use crate::outcome::{Called, ChatBody, Completion, Failure, Quota, Transient};
+use crate::pool::{ApiStyle, Pool};
+
+pub use events::{EventStream, Next, Opened, StreamEvent};
+use wire::{classify, quota};
+
+/// Where and how to call one deployment, prepared once at cold start.
+struct Target {
+    url: String,
+    /// The deployment's name, sent as `model` to v1 servers (classic URLs carry it in the path).
+    model: Option<String>,
+    auth: Option<(HeaderName, HeaderValue)>,
+}
+
+/// The Azure OpenAI (and OpenAI-compatible) client for every deployment in the pool. Built once
+/// at cold start: one connection pool, rustls, keys turned into sensitive header values.
+pub struct Upstream {
+    client: Client,
+    targets: Vec<Target>,
+}
+
+/// The HTTP client could not be built (TLS set-up failed).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct BuildError(#[from] reqwest::Error);
+
+impl Upstream {
+    pub fn new(pool: &Pool) -> Result<Self, BuildError> {
+        let client = Client::builder()
+            .user_agent(concat!("fallback-chat/", env!("CARGO_PKG_VERSION")))
+            .connect_timeout(Duration::from_secs(3))
+            .pool_idle_timeout(Duration::from_secs(50))
+            .tcp_nodelay(true)
+            .build()?;
+        let targets = pool
+            .deployments
+            .iter()
+            .map(|d| {
+                let (header, value, model) = match d.api {
+                    ApiStyle::Classic { .. } => (
+                        HeaderName::from_static("api-key"),
+                        d.key.as_ref().map(|k| k.expose().to_owned()),
+                        None,
+                    ),
+                    ApiStyle::V1 => (
+                        AUTHORIZATION,
+                        d.key.as_ref().map(|k| format!("Bearer {}", k.expose())),
+                        Some(d.deployment.clone()),
+                    ),
+                };
+                let auth = value
+                    .and_then(|v| HeaderValue::from_str(&v).ok())
+                    .map(|mut v| {
+                        // Keeps the key out of any debug output of the request.
+                        v.set_sensitive(true);
+                        (header, v)
+                    });
+                Target {
+                    url: d.url(),
+                    model,
+                    auth,
+                }
+            })
+            .collect();
+        Ok(Self { client, targets })
+    }
+
+    /// The POST for deployment `index`: URL, key, body (with `model` set for v1 servers).
+    fn request(&self, index: usize, body: &ChatBody) -> Option<RequestBuilder> {
+        let target = self.targets.get(index)?;
+        let bytes = match &target.model {
+            Some(model) => {
+                let mut body = body.clone();
+                body.insert("model".into(), Value::String(model.clone()));
+                serde_json::to_vec(&body)
+            }
+            None => serde_json::to_vec(body),
+        }
+        // Serialising a JSON map cannot fail.
+        .unwrap_or_default();
+        let mut request = self
+            .client
+            .post(&target.url)
+            .header(CONTENT_TYPE, "application/json")
+            .body(bytes);
+        if let Some((name, value)) = &target.auth {
+            request = request.header(name, value.clone());
+        }
+        Some(request)
+    }
+
+    /// One call to deployment `index` for a whole completion, bounded by `timeout` from start
+    /// to the last body byte.
+    pub async fn chat(
+        &self,
+        clock: &impl Clock,
+        index: usize,
+        body: &ChatBody,
+        timeout: Duration,
+    ) -> Called<Completion> {
+        let Some(request) = self.request(index, body) else {
+            return Called::failed(Failure::Transient(Transient::Connect));
+        };
+        let now = clock.wall();
+        let call = async {
+            match request.send().await {
+                Ok(response) => read(response, now).await,
+                Err(e) => Called::failed(Failure::Transient(transport_failure(&e))),
+            }
+        };
+        clock
+            .timeout(timeout, call)
+            .await
+            .unwrap_or_else(|| Called::failed(Failure::Transient(Transient::Timeout)))
+    }
+
+    /// One streaming call to deployment `index`, read up to its first content: headers within
+    /// `timeout`, then content within `first_token` of the call's start. The rest of the
+    /// stream is left to the caller, which bounds it event by event.
+    pub async fn open_stream(
+        &self,
+        clock: &impl Clock,
+        index: usize,
+        body: &ChatBody,
+        timeout: Duration,
+        first_token: Duration,
+    ) -> Called<Opened> {
+        let Some(request) = self.request(index, body) else {
+            return Called::failed(Failure::Transient(Transient::Connect));
+        };
+        let started = clock.now();
+        let response = match clock.timeout(timeout, request.send()).await {
+            None => return Called::failed(Failure::Transient(Transient::Timeout)),
+            Some(Err(e)) => return Called::failed(Failure::Transient(transport_failure(&e))),
+            Some(Ok(response)) => response,
+        };
+        let status = Some(response.status().as_u16());
+        if !response.status().is_success() {
+            // An error answer is short: the attempt's time limit bounds reading it too.
+            let failure = match clock.timeout(timeout, read(response, clock.wall())).await {
+                Some(Called {
+                    result: Err(failure),
+                    ..
+                }) => failure,
+                // Only a 2xx classifies as a completion.
+                Some(Called { result: Ok(_), .. }) => Failure::Transient(Transient::BadResponse),
+                None => Failure::Transient(Transient::Timeout),
+            };
+            return Called {
+                status,
+                quota: Quota::default(),
+                result: Err(failure),
+            };
+        }
+        let quota = quota(response.headers());
+        // The first-token limit counts from the start of the call.
+        let left = first_token
+            .min(timeout)
+            .saturating_sub(clock.now() - started);
+        let result = clock
+            .timeout(left, events::first_content(EventStream::new(response)))
+            .await
+            .unwrap_or(Err(Failure::Transient(Transient::FirstTokenTimeout)));
+        Called {
+            status,
+            quota,
+            result,
+        }
+    }
+}
+
+/// Reads a whole answer and classifies it.
+async fn read(response: Response, now: SystemTime) -> Called<Completion> {
+    let status = response.status();
+    let headers = response.headers().clone();
+    let result = match response.bytes().await {
+        Ok(bytes) => classify(status, &headers, bytes, now),
+        Err(e) => Err(Failure::Transient(transport_failure(&e))),
+    };
+    Called {
+        status: Some(status.as_u16()),
+        quota: quota(&headers),
+        result,
+    }
+}
+
+fn transport_failure(e: &reqwest::Error) -> Transient {
+    if e.is_timeout() {
+        Transient::Timeout
+    } else if e.is_connect() {
+        Transient::Connect
+    } else {
+        Transient::Reset
+    }
+}
