@@ -4,7 +4,8 @@
 //! Layers, each importing only from those below it (`tests/structure.rs` checks it):
 //! leaves (`clock`, `secret`, `attempt`, `outcome`, `sse`, `reply`, `error`), then `pool` and
 //! `telemetry`, then `config`, `upstream` and `health`, then `routing` (the Engine), then `http`
-//! (the surface), and this file, which builds the [`App`].
+//! (the surface, which defines the [`App`] and handles requests), and this file, which builds
+//! the App once per execution environment.
 
 pub mod attempt;
 pub mod clock;
@@ -33,15 +34,7 @@ use crate::http::Surface;
 use crate::http::auth::ClientKeys;
 use crate::routing::{Engine, Settings};
 
-/// Everything built once per execution environment and shared by every invocation: the
-/// routing engine, the client keys and the HTTP surface's settings.
-pub struct App<C: Clock = SystemClock> {
-    engine: Arc<Engine<C>>,
-    keys: ClientKeys,
-    surface: Surface,
-    /// Where EMF metrics are collected, once installed (tests usually run without).
-    metrics: Option<&'static Collector>,
-}
+pub use crate::http::App;
 
 impl App<SystemClock> {
     pub fn new(config: Config) -> Result<Self, ConfigError> {

@@ -8,15 +8,15 @@ use lambda_http::{Request, RequestExt, Response};
 use serde::Serialize;
 use serde_json::{Map, Value, json};
 
-use crate::App;
 use crate::attempt::Answer;
 use crate::clock::Clock;
 use crate::outcome::{ChatBody, Completion, ContentFilter};
 use crate::reply::Reply;
 use crate::routing::RouteError;
 
+use super::app::App;
+use super::respond::{fallback_headers, json_response, path, retry_after_seconds};
 use super::summary::Summary;
-use super::{fallback_headers, json_response, path, retry_after_seconds};
 
 #[derive(Serialize)]
 struct Answered<'a> {

@@ -1,54 +1,31 @@
 //! The HTTP surface: one table of endpoints, client keys checked before anything costs quota,
 //! and each request's one summary log line. The only place that knows HTTP statuses.
 
+mod app;
 mod ask;
 pub mod auth;
 mod openai;
+mod respond;
 mod summary;
+
+pub use app::{App, Surface};
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use lambda_http::http::{HeaderValue, StatusCode, header};
 use lambda_http::{Body, Context, Request, RequestExt, Response};
-use serde::Serialize;
 use serde_json::json;
 
-use crate::App;
 use crate::clock::Clock;
-use crate::config::Config;
 use crate::reply::Reply;
 use crate::telemetry;
+
+use respond::{json_response, path};
 
 /// Lambda never runs longer than 15 minutes: a deadline further away is not an epoch time
 /// (as under `cargo lambda watch`), so the configured budget applies alone.
 const MAX_LAMBDA_RUNTIME: Duration = Duration::from_secs(15 * 60);
-
-/// The surface's own settings (read from the environment at cold start).
-#[derive(Debug, Clone)]
-pub struct Surface {
-    pub system_prompt: String,
-    pub max_query_chars: usize,
-    pub max_body_bytes: usize,
-    pub request_timeout: Duration,
-    pub deadline_margin: Duration,
-    /// Lambda response streaming (a Function URL with InvokeMode RESPONSE_STREAM) rather than
-    /// one buffered response per invocation.
-    pub response_streaming: bool,
-}
-
-impl From<&Config> for Surface {
-    fn from(config: &Config) -> Self {
-        Self {
-            system_prompt: config.system_prompt.clone(),
-            max_query_chars: config.max_query_chars,
-            max_body_bytes: config.max_body_bytes,
-            request_timeout: config.request_timeout,
-            deadline_margin: config.deadline_margin,
-            response_streaming: config.response_streaming,
-        }
-    }
-}
 
 /// Which handler a path belongs to: the one table of endpoints.
 enum Endpoint<'a> {
@@ -74,14 +51,6 @@ fn endpoint(path: &str) -> Endpoint<'_> {
             Some(route) if !route.is_empty() && !route.contains('/') => Endpoint::Azure { route },
             _ => Endpoint::Unknown,
         },
-    }
-}
-
-/// The request's path as the caller sent it (API Gateway's raw path when there is one).
-fn path(request: &Request) -> &str {
-    match request.raw_http_path() {
-        "" => request.uri().path(),
-        raw => raw,
     }
 }
 
@@ -155,30 +124,4 @@ impl<C: Clock> App<C> {
         let budget = self.budget(request.lambda_context_ref(), clock.wall());
         clock.now() + budget
     }
-}
-
-/// Who answered, and after how many deployments were called.
-fn fallback_headers<B>(response: &mut Response<B>, deployment: &str, calls: usize) {
-    let headers = response.headers_mut();
-    if let Ok(v) = HeaderValue::from_str(deployment) {
-        headers.insert("x-fallback-deployment", v);
-    }
-    headers.insert("x-fallback-attempts", HeaderValue::from(calls));
-}
-
-fn json_response(status: StatusCode, body: &impl Serialize) -> Response<Reply> {
-    let mut response = Response::new(Reply::json(body));
-    *response.status_mut() = status;
-    response.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
-    response
-}
-
-/// Retry-After is whole seconds; round up so a client never comes back too early.
-fn retry_after_seconds(wait: Duration) -> u64 {
-    u64::try_from(wait.as_millis().div_ceil(1000))
-        .unwrap_or(u64::MAX)
-        .max(1)
 }

@@ -10,7 +10,6 @@ use lambda_http::{Request, Response};
 use serde_json::{Map, Value, json};
 use tokio::sync::mpsc;
 
-use crate::App;
 use crate::attempt::{Answer, Exhausted};
 use crate::clock::Clock;
 use crate::outcome::{ChatBody, Completion};
@@ -18,9 +17,10 @@ use crate::pool::Route;
 use crate::reply::Reply;
 use crate::routing::RouteError;
 
+use super::app::App;
 use super::auth::Refusal;
+use super::respond::{fallback_headers, json_response, retry_after_seconds};
 use super::summary::Summary;
-use super::{fallback_headers, json_response, retry_after_seconds};
 
 /// An error in OpenAI's shape: `{"error": {"message", "type", "param", "code", ...}}`.
 #[derive(Debug)]
