@@ -14,7 +14,8 @@ cleanup() {
   [[ -n "$WATCH_PGID" ]] && kill -- "-$WATCH_PGID" 2>/dev/null || true
   [[ -n "$STREAM_PGID" ]] && kill -- "-$STREAM_PGID" 2>/dev/null || true
   [[ -n "${EMULATOR_PID:-}" ]] && kill "$EMULATOR_PID" 2>/dev/null || true
-  rm -f "$ENV_FILE" "$ENV_FILE.stream"
+  [[ -n "${CLOSED_PGID:-}" ]] && kill -- "-$CLOSED_PGID" 2>/dev/null || true
+  rm -f "$ENV_FILE" "$ENV_FILE.stream" "$ENV_FILE.closed"
 }
 ENV_FILE=$(mktemp)
 trap cleanup EXIT
@@ -29,9 +30,10 @@ printf 'AZURE_OPENAI_ENDPOINT=http://127.0.0.1:%s\nAZURE_OPENAI_API_KEY=emulator
   "$EMULATOR_PORT" "$KEY" > "$ENV_FILE"
 
 # Own process group, so cleanup stops cargo-lambda and the function it spawned; `timeout` is the
-# backstop should cleanup never run.
+# backstop should cleanup never run. No --bin: Cargo.toml's [workspace.metadata.lambda.watch]
+# makes this function the default one, as a newcomer's plain `cargo lambda watch` finds it.
 setsid timeout 900 cargo lambda watch --invoke-address 127.0.0.1 --invoke-port "$PORT" \
-  --bin fallback-chat --env-file "$ENV_FILE" --ignore-changes >"$LOG" 2>&1 &
+  --env-file "$ENV_FILE" --ignore-changes >"$LOG" 2>&1 &
 WATCH_PGID=$!
 # The same binary in streaming mode, as behind the Function URL with RESPONSE_STREAM.
 sed 's/^RESPONSE_MODE=.*//' "$ENV_FILE" > "$ENV_FILE.stream"
@@ -79,7 +81,7 @@ for source in rest-api http-api function-url alb; do
   for file in events/"$source"/*.json; do
     case=$(basename "$file" .json)
     out=$(cargo lambda invoke --invoke-address 127.0.0.1 --invoke-port "$PORT" \
-      --data-file "$file" fallback-chat 2>&1) || true
+      --data-file "$file" 2>&1) || true
     check "invoke $file" "${expected[$case]}" "$(json statusCode <<<"$out" 2>/dev/null || echo "$out")"
   done
 done
@@ -93,11 +95,29 @@ for base in "$STREAM_BASE" "$BASE"; do
   check "openai SDK clients, $mode mode" ok "$result"
 done
 
+# A function that cannot start (closed by default, no client keys): the waiting invocation gets
+# the init error it reported to the Runtime API, at once, naming the variable to set.
+CLOSED_PORT=$(free_port)
+grep -v '^CLIENT_API_KEYS=' "$ENV_FILE" > "$ENV_FILE.closed"
+setsid timeout 300 cargo lambda watch --invoke-address 127.0.0.1 --invoke-port "$CLOSED_PORT" \
+  --env-file "$ENV_FILE.closed" --ignore-changes >"$LOG.closed" 2>&1 &
+CLOSED_PGID=$!
+if wait_for_port "$CLOSED_PORT" 120; then
+  out=$(timeout 120 cargo lambda invoke --invoke-address 127.0.0.1 --invoke-port "$CLOSED_PORT" \
+    --data-file events/http-api/get-query.json 2>&1) || true
+  check "a function that cannot start reports why (errorType)" ConfigError.Closed \
+    "$(json errorType <<<"$out" 2>/dev/null || echo "$out")"
+  check "... naming the variable to set" yes "$(grep -q CLIENT_API_KEYS <<<"$out" && echo yes || echo "$out")"
+else
+  check "cargo lambda watch starts for the closed configuration" up down
+fi
+kill -- "-$CLOSED_PGID" 2>/dev/null || true
+
 if ((failed > 0)); then
   echo "--- cargo lambda watch log ---"; cat "$LOG"
   echo "--- cargo lambda watch (streaming) log ---"; cat "$LOG.stream"
   echo "--- emulator log ---"; cat "$LOG.emulator"
 fi
-rm -f "$LOG" "$LOG.emulator" "$LOG.stream"
+rm -f "$LOG" "$LOG.emulator" "$LOG.stream" "$LOG.closed"
 echo "$passed passed, $failed failed"
 ((failed == 0))

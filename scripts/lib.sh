@@ -16,6 +16,22 @@ wait_for() {
   return 1
 }
 
+# wait_for_port PORT SECONDS: poll until something listens on 127.0.0.1:PORT, without sending it
+# a request (a request to cargo lambda watch is an invocation).
+wait_for_port() {
+  python3 - "$1" "$2" <<'PY'
+import socket, sys, time
+port, deadline = int(sys.argv[1]), time.monotonic() + float(sys.argv[2])
+while time.monotonic() < deadline:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        sys.exit(0)
+    except OSError:
+        time.sleep(0.25)
+sys.exit(f"timed out after {sys.argv[2]}s waiting for 127.0.0.1:{port}")
+PY
+}
+
 # Build (if needed) and start the Azure OpenAI emulator in the background; sets EMULATOR_PID.
 # start_emulator PORT EXIT_AFTER_SECONDS --deployment NAME=BEHAVIOR ...
 start_emulator() {
@@ -26,4 +42,24 @@ start_emulator() {
     --api-key emulator-key --exit-after "$exit_after" "$@" &
   EMULATOR_PID=$!
   wait_for "http://127.0.0.1:$port/" 30
+}
+
+# with_env_file FILE COMMAND...: runs COMMAND with the KEY=value lines of FILE added to the
+# environment, read as cargo-lambda reads --env-file (blank lines and # comments skipped, one
+# pair of surrounding quotes removed).
+with_env_file() {
+  python3 - "$@" <<'PY'
+import os, sys
+env = dict(os.environ)
+for line in open(sys.argv[1]):
+    line = line.strip()
+    if not line or line.startswith("#") or "=" not in line:
+        continue
+    key, value = line.split("=", 1)
+    value = value.strip()
+    if len(value) >= 2 and value[0] == value[-1] and value[0] in "\"'":
+        value = value[1:-1]
+    env[key.strip().removeprefix("export ").strip()] = value
+os.execvpe(sys.argv[2], sys.argv[2:], env)
+PY
 }

@@ -33,7 +33,16 @@ if [[ -z "$key" ]] && ! setting CLIENT_API_KEYS && ! setting AUTH_PROVIDED_BY; t
 fi
 key=${key:-$(grep -E '^\s*CLIENT_API_KEYS=' .env 2>/dev/null | tail -n1 | cut -d= -f2- | cut -d, -f1)}
 
-echo "==> Starting the function; once it is built, try:"
+# cargo lambda watch reports a function that cannot start only to the first request (a bare
+# 500) and its console, then waits for a code change: say what is wrong here, before starting it.
+echo "==> Building the function and checking its configuration"
+cargo build -q --bin fallback-chat
+if ! with_env_file "$env_file" "${CARGO_TARGET_DIR:-target}/debug/fallback-chat" --check; then
+  echo "==> Fix the setting above (in your environment or .env), then run make run again." >&2
+  exit 1
+fi
+
+echo "==> Starting the function on http://127.0.0.1:$PORT; try:"
 echo "    curl -H 'Authorization: Bearer $key' 'http://127.0.0.1:$PORT/?query=hello'"
 echo "    or point an OpenAI client at base_url=http://127.0.0.1:$PORT/v1 with api_key=$key"
 cargo lambda watch --invoke-address 127.0.0.1 --invoke-port "$PORT" --bin fallback-chat --env-file "$env_file"

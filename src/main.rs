@@ -78,10 +78,29 @@ async fn report_init_error(error: &ConfigError) {
     }
 }
 
+/// `fallback-chat --check`: reads the configuration as a cold start would (keys held in AWS
+/// included) and says whether the function would start, without serving anything.
+async fn check() -> ExitCode {
+    match start().await {
+        Ok(_) => {
+            println!("fallback-chat: the configuration is complete; the function would start");
+            ExitCode::SUCCESS
+        }
+        Err(error) => {
+            eprintln!("fallback-chat cannot start: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> ExitCode {
     // JSON lines when AWS_LAMBDA_LOG_FORMAT=JSON, level from AWS_LAMBDA_LOG_LEVEL or RUST_LOG.
     tracing::init_default_subscriber();
+    // Lambda starts the bootstrap without arguments.
+    if std::env::args().nth(1).as_deref() == Some("--check") {
+        return check().await;
+    }
 
     let app = match start().await {
         Ok(app) => app,
