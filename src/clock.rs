@@ -3,10 +3,12 @@
 //! move time without sleeping ([`ManualClock`]).
 
 use std::future::Future;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
-pub trait Clock: Send + Sync + 'static {
+/// Cheap to clone; clones read the same time.
+pub trait Clock: Clone + Send + Sync + 'static {
     /// Monotonic time, for deadlines, cooldowns and latencies.
     fn now(&self) -> Instant;
     /// Wall-clock time, for HTTP-dates and the Lambda deadline (an epoch time).
@@ -39,19 +41,22 @@ impl Clock for SystemClock {
 /// [`advance`](ManualClock::advance), or until a time limit set through it runs out, which moves
 /// it to that limit's end. Limits run out in real time, so a real server gets real time to
 /// answer; an answer that comes first takes no time on this clock, so what a request records can
-/// be checked to the millisecond. Its wall time is the system's: the epoch times that come from
-/// outside (a Lambda deadline, an HTTP-date) are real ones.
-#[derive(Debug)]
+/// be checked to the millisecond. Its wall time starts at the system's and moves with it, so
+/// epoch times written by one execution environment of a test fleet agree with the others'.
+/// Its clones are the same clock: what one is told, all read.
+#[derive(Debug, Clone)]
 pub struct ManualClock {
     start: Instant,
-    elapsed_ms: AtomicU64,
+    start_wall: SystemTime,
+    elapsed_ms: Arc<AtomicU64>,
 }
 
 impl Default for ManualClock {
     fn default() -> Self {
         Self {
             start: Instant::now(),
-            elapsed_ms: AtomicU64::new(0),
+            start_wall: SystemTime::now(),
+            elapsed_ms: Arc::new(AtomicU64::new(0)),
         }
     }
 }
@@ -72,7 +77,7 @@ impl Clock for ManualClock {
         self.start + self.elapsed()
     }
     fn wall(&self) -> SystemTime {
-        SystemTime::now()
+        self.start_wall + self.elapsed()
     }
     async fn timeout<F: Future + Send>(&self, limit: Duration, future: F) -> Option<F::Output> {
         let ends = self.elapsed().saturating_add(limit);
@@ -85,7 +90,7 @@ impl Clock for ManualClock {
     }
 }
 
-impl<C: Clock> Clock for std::sync::Arc<C> {
+impl<C: Clock> Clock for Arc<C> {
     fn now(&self) -> Instant {
         (**self).now()
     }

@@ -29,7 +29,7 @@ use metrics_cloudwatch_embedded::Collector;
 use crate::clock::{Clock, SystemClock};
 use crate::config::Config;
 use crate::error::ConfigError;
-use crate::health::Breaker;
+use crate::health::{Breaker, Fleet};
 use crate::http::Surface;
 use crate::http::auth::ClientKeys;
 use crate::routing::{Engine, Settings};
@@ -37,8 +37,21 @@ use crate::routing::{Engine, Settings};
 pub use crate::http::App;
 
 impl App<SystemClock> {
+    /// The App without the fleet's shared health, whatever `HEALTH_TABLE` says.
     pub fn new(config: Config) -> Result<Self, ConfigError> {
         Self::with_clock(config, SystemClock)
+    }
+
+    /// The App as a cold start builds it: with the fleet's shared health when `HEALTH_TABLE`
+    /// names a table (aws-config is loaded only then), read once before the first request.
+    pub async fn start(config: Config) -> Result<Self, ConfigError> {
+        let fleet = match &config.health_table {
+            Some(table) => Some(Fleet::connect(table).await),
+            None => None,
+        };
+        let app = Self::with_fleet(config, SystemClock, fastrand::u64(..), fleet)?;
+        app.engine.warm_up().await;
+        Ok(app)
     }
 }
 
@@ -51,6 +64,16 @@ impl<C: Clock> App<C> {
 
     /// As [`App::with_clock`], with the seed of the weighted random choice fixed.
     pub fn with_seed(config: Config, clock: C, seed: u64) -> Result<Self, ConfigError> {
+        Self::with_fleet(config, clock, seed, None)
+    }
+
+    /// As [`App::with_seed`], sharing health with the rest of the fleet through `fleet`.
+    pub fn with_fleet(
+        config: Config,
+        clock: C,
+        seed: u64,
+        fleet: Option<Fleet>,
+    ) -> Result<Self, ConfigError> {
         let settings = Settings {
             attempt_timeout: config.attempt_timeout,
             throttle_cooldown: config.throttle_cooldown,
@@ -62,10 +85,13 @@ impl<C: Clock> App<C> {
                 // A probe cannot take longer than one attempt.
                 probe_lease: config.attempt_timeout,
             },
+            max_open: config.circuit_max_open,
+            health_refresh: config.health_refresh,
+            health_timeout: config.health_timeout,
         };
         let keys = ClientKeys::from_config(&config)?;
         let surface = Surface::from(&config);
-        let engine = Engine::new(config.pool, settings, clock, seed)
+        let engine = Engine::new(config.pool, settings, clock, seed, fleet)
             .map_err(|e| ConfigError::HttpClient(Box::new(e)))?;
         Ok(Self {
             engine: Arc::new(engine),

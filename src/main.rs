@@ -29,9 +29,10 @@ async fn start() -> Result<App, ConfigError> {
         ?deployments,
         default_route = pool.default_route().name,
         response_streaming = config.response_streaming,
+        health_table = config.health_table.as_deref(),
         "configuration read"
     );
-    App::new(config)
+    App::start(config).await
 }
 
 /// Tells the Lambda Runtime API why this environment cannot start (`POST /runtime/init/error`),

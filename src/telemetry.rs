@@ -32,6 +32,16 @@ pub fn install(namespace: &str) -> Result<&'static Collector, String> {
         "Requests no deployment could answer"
     );
     describe_histogram!("Latency", Unit::Milliseconds, "Call latency per deployment");
+    describe_counter!(
+        "HealthTable",
+        Unit::Count,
+        "Calls to the fleet's shared health table, by operation and outcome"
+    );
+    describe_histogram!(
+        "HealthTableLatency",
+        Unit::Milliseconds,
+        "Latency of calls to the fleet's shared health table"
+    );
     Ok(collector)
 }
 
@@ -74,4 +84,13 @@ pub fn answered(deployment: &str, tokens: Option<u64>) {
 /// No deployment of `route` could answer.
 pub fn unavailable(route: &str) {
     counter!("Unavailable", "Route" => route.to_owned()).increment(1);
+}
+
+/// One call to the fleet's shared health table: `operation` (read, lease, throttle, failure,
+/// open, recovered, write) came to `outcome` (ok, held_elsewhere, timeout, error) in `ms`. A
+/// read that timed out or failed is a request decided on local knowledge.
+pub fn health_table(operation: &str, outcome: &str, ms: u64) {
+    counter!("HealthTable", "Operation" => operation.to_owned(), "Outcome" => outcome.to_owned())
+        .increment(1);
+    histogram!("HealthTableLatency", "Operation" => operation.to_owned()).record(ms as f64);
 }

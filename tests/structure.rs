@@ -35,6 +35,7 @@ const CONFINED: &[(&str, &str, &[&str])] = &[
     ("reqwest", "reqwest", &["upstream"]),
     ("HTTP statuses", "StatusCode", &["http", "upstream"]),
     ("lambda_http", "lambda_http", &["http"]),
+    ("DynamoDB", "aws_sdk_dynamodb", &["health"]),
     ("reading the time", "Instant::now", &["clock"]),
     ("reading the time", "SystemTime::now", &["clock"]),
     ("reading the time", ".elapsed()", &["clock"]),

@@ -22,7 +22,15 @@ pub const DEFAULT_DEADLINE_MARGIN_MS: u64 = 500;
 /// About 1,000 tokens of English: a chat question, not a document.
 pub const DEFAULT_MAX_QUERY_CHARS: usize = 4_000;
 pub const DEFAULT_CIRCUIT_FAILURES: u32 = 3;
-pub const DEFAULT_CIRCUIT_OPEN_MS: u64 = 30_000;
+/// Short, so a blip ends within seconds: a probe after a fast failure costs its caller
+/// milliseconds.
+pub const DEFAULT_CIRCUIT_OPEN_MS: u64 = 5_000;
+/// While probes keep timing out, each opening doubles up to this.
+pub const DEFAULT_CIRCUIT_MAX_OPEN_MS: u64 = 60_000;
+pub const DEFAULT_HEALTH_REFRESH_MS: u64 = 1_000;
+/// DynamoDB answers a GetItem in single-digit milliseconds in-region; this bounds what a slow
+/// table can add to a request.
+pub const DEFAULT_HEALTH_TIMEOUT_MS: u64 = 50;
 pub const DEFAULT_FIRST_TOKEN_TIMEOUT_MS: u64 = 6_000;
 pub const DEFAULT_STREAM_IDLE_TIMEOUT_MS: u64 = 10_000;
 /// Lambda's own request payload limit is 6 MB; a chat request is far smaller.
@@ -43,6 +51,8 @@ pub struct Config {
     pub circuit_failures: u32,
     /// How long an open circuit keeps a deployment out before one probe is let through.
     pub circuit_open: Duration,
+    /// The longest an open circuit stays out while its probes keep timing out.
+    pub circuit_max_open: Duration,
     /// A stream that has sent no content this long after its request is a failed attempt.
     pub first_token_timeout: Duration,
     /// A stream that sends nothing this long once it has started is cut.
@@ -58,6 +68,12 @@ pub struct Config {
     /// What authenticates callers in front of the function, when something does:
     /// `iam` (Function URL with AWS_IAM) or `authorizer` (an API Gateway authorizer).
     pub auth_in_front: Option<&'static str>,
+    /// The DynamoDB table the fleet shares its health in (`HEALTH_TABLE`), if any.
+    pub health_table: Option<String>,
+    /// How often, at most, an execution environment reads the shared health on the request path.
+    pub health_refresh: Duration,
+    /// The longest any call to the shared health table may take.
+    pub health_timeout: Duration,
 }
 
 impl Config {
@@ -136,6 +152,33 @@ impl Config {
         let throttle_cooldown = millis(&get, "THROTTLE_COOLDOWN_MS", DEFAULT_THROTTLE_COOLDOWN_MS)?;
         let deadline_margin = millis(&get, "DEADLINE_MARGIN_MS", DEFAULT_DEADLINE_MARGIN_MS)?;
         let circuit_open = millis(&get, "CIRCUIT_OPEN_MS", DEFAULT_CIRCUIT_OPEN_MS)?;
+        let circuit_max_open = millis(
+            &get,
+            "CIRCUIT_MAX_OPEN_MS",
+            DEFAULT_CIRCUIT_MAX_OPEN_MS.max(circuit_open.as_millis() as u64),
+        )?;
+        if circuit_max_open < circuit_open {
+            return Err(ConfigError::Invalid {
+                var: "CIRCUIT_MAX_OPEN_MS",
+                reason: format!(
+                    "{} ms is shorter than CIRCUIT_OPEN_MS ({} ms); it is the longest an opening may grow to",
+                    circuit_max_open.as_millis(),
+                    circuit_open.as_millis()
+                ),
+            });
+        }
+        let health_table = get("HEALTH_TABLE")
+            .map(|name| {
+                table_name(&name)
+                    .then_some(name)
+                    .ok_or_else(|| ConfigError::Invalid {
+                        var: "HEALTH_TABLE",
+                        reason: "expected a DynamoDB table name (3-255 letters, digits, '_', '-', '.') or a table ARN".into(),
+                    })
+            })
+            .transpose()?;
+        let health_refresh = millis(&get, "HEALTH_REFRESH_MS", DEFAULT_HEALTH_REFRESH_MS)?;
+        let health_timeout = millis(&get, "HEALTH_TIMEOUT_MS", DEFAULT_HEALTH_TIMEOUT_MS)?;
         let first_token_timeout = millis(
             &get,
             "FIRST_TOKEN_TIMEOUT_MS",
@@ -199,13 +242,32 @@ impl Config {
             max_query_chars,
             circuit_failures: u32::try_from(circuit_failures).unwrap_or(u32::MAX),
             circuit_open,
+            circuit_max_open,
             first_token_timeout,
             stream_idle_timeout,
             max_body_bytes,
             response_streaming,
             client_keys,
             auth_in_front,
+            health_table,
+            health_refresh,
+            health_timeout,
         })
+    }
+}
+
+/// A DynamoDB table name, or a table's ARN.
+fn table_name(name: &str) -> bool {
+    let plain = |n: &str| {
+        (3..=255).contains(&n.len())
+            && n.chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
+    };
+    match name.strip_prefix("arn:") {
+        Some(rest) => rest
+            .split_once(":table/")
+            .is_some_and(|(prefix, table)| prefix.contains(":dynamodb:") && plain(table)),
+        None => plain(name),
     }
 }
 
@@ -357,6 +419,10 @@ mod tests {
             ("FALLBACK_POOL", "[]"),
             ("FALLBACK_POOL_FILE", "/no/such/pool.json"),
             ("AUTH_PROVIDED_BY", "nobody"),
+            ("HEALTH_TABLE", "no spaces allowed"),
+            ("HEALTH_TABLE", "arn:aws:s3:::bucket"),
+            ("HEALTH_REFRESH_MS", "0"),
+            ("CIRCUIT_MAX_OPEN_MS", "1000"),
         ] {
             let mut vars = BASE.to_vec();
             vars.push((var, value));

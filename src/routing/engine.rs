@@ -9,11 +9,13 @@ use metrics_cloudwatch_embedded::Collector;
 
 use crate::attempt::{Answer, Attempt, Exhausted};
 use crate::clock::Clock;
-use crate::health::{Breaker, HealthTable};
+use crate::health::{Breaker, Fleet, HealthTable};
 use crate::outcome::{ChatBody, Completion, ContentFilter};
 use crate::pool::{Pool, Route};
 use crate::telemetry;
 use crate::upstream::{BuildError, Upstream};
+
+use super::link::{FleetLink, WARM_UP_LIMIT, Writes};
 
 /// The policy's settings (read from the environment at cold start).
 #[derive(Debug, Clone, Copy)]
@@ -27,6 +29,12 @@ pub struct Settings {
     /// A stream that sends nothing this long once it has started is cut.
     pub stream_idle_timeout: Duration,
     pub breaker: Breaker,
+    /// While probes keep timing out, each opening doubles up to this.
+    pub max_open: Duration,
+    /// How often, at most, the fleet's table is read on the request path.
+    pub health_refresh: Duration,
+    /// The longest any call to the fleet's table may take.
+    pub health_timeout: Duration,
 }
 
 /// Why a request got no answer.
@@ -51,22 +59,46 @@ pub struct Engine<C: Clock> {
     pub(super) health: HealthTable,
     pub(super) clock: C,
     pub(super) settings: Settings,
+    /// The fleet's shared health, when a table is configured.
+    pub(super) fleet: Option<FleetLink>,
     /// Where EMF metrics are collected, once installed (tests usually run without).
     pub(super) metrics: OnceLock<&'static Collector>,
 }
 
 impl<C: Clock> Engine<C> {
     /// Builds the HTTP client (connection pool, rustls) and the health table; `seed` seeds the
-    /// weighted random choice.
-    pub fn new(pool: Pool, settings: Settings, clock: C, seed: u64) -> Result<Self, BuildError> {
+    /// weighted random choice; `fleet` shares health with the rest of the fleet.
+    pub fn new(
+        pool: Pool,
+        settings: Settings,
+        clock: C,
+        seed: u64,
+        fleet: Option<Fleet>,
+    ) -> Result<Self, BuildError> {
+        let fleet = fleet.map(|fleet| {
+            let keys = pool
+                .deployments
+                .iter()
+                .map(|d| Fleet::key(&d.endpoint, &d.deployment))
+                .collect();
+            FleetLink::new(fleet, keys, settings.health_refresh, settings.health_timeout)
+        });
         Ok(Self {
             upstream: Upstream::new(&pool)?,
-            health: HealthTable::new(pool.deployments.len(), settings.breaker, seed),
+            health: HealthTable::new(pool.deployments.len(), settings.breaker, seed)
+                .with_max_open(settings.max_open),
             pool,
             clock,
             settings,
+            fleet,
             metrics: OnceLock::new(),
         })
+    }
+
+    /// Before the first request: what the fleet already knows (a new environment does not start
+    /// blind), and the table's connection made.
+    pub async fn warm_up(&self) {
+        self.refresh(WARM_UP_LIMIT, true).await;
     }
 
     /// Flushes EMF metrics to stdout when a stream this engine relays ends.
@@ -95,11 +127,14 @@ impl<C: Clock> Engine<C> {
         body: &ChatBody,
         deadline: Instant,
     ) -> Result<Answer<Completion>, RouteError> {
-        let (_, answer) = self
-            .failover(route, deadline, |index, timeout| {
+        let mut writes = Writes::default();
+        let result = self
+            .failover(route, deadline, &mut writes, |index, timeout| {
                 self.upstream.chat(&self.clock, index, body, timeout)
             })
-            .await?;
+            .await;
+        self.finish(writes).await;
+        let (_, answer) = result?;
         telemetry::answered(&answer.deployment, answer.output.total_tokens());
         Ok(answer)
     }

@@ -14,11 +14,16 @@ use crate::pool::{Deployment, Route};
 use crate::telemetry;
 
 use super::engine::{Engine, RouteError};
+use super::link::Writes;
 
 /// An attempt needs at least this long to be worth starting (one in-region round trip).
 pub const MIN_ATTEMPT: Duration = Duration::from_millis(100);
 /// A deployment that failed without saying when it recovers may be worth asking this soon.
 const TRANSIENT_RECOVERY: Duration = Duration::from_secs(1);
+/// A probe of a deployment that has answered before may take this many times its usual latency
+/// (and at least `MIN_PROBE`) before it counts as another timeout.
+const PROBE_LATENCIES: u32 = 4;
+const MIN_PROBE: Duration = Duration::from_secs(1);
 
 /// What the request has learned so far about which deployments are worth trying.
 struct Tried {
@@ -46,11 +51,12 @@ impl<C: Clock> Engine<C> {
     /// The loop every request runs: choose a deployment, let `call` try it (once, or twice
     /// after a single 500 or reset) with what is left of the time before `deadline`, and go on
     /// according to the outcome until one answers or none is left. `call` gets the deployment's
-    /// index and the time its call may take.
+    /// index and the time its call may take. What the calls teach the fleet goes to `writes`.
     pub(super) async fn failover<T, F, Fut>(
         &self,
         route: &Route,
         deadline: Instant,
+        writes: &mut Writes,
         call: F,
     ) -> Result<(usize, Answer<T>), RouteError>
     where
@@ -65,6 +71,7 @@ impl<C: Clock> Engine<C> {
         let mut attempts = Vec::new();
         let mut out_of_time = false;
         let mut failed: Option<usize> = None;
+        self.refresh(self.fleet_limit(), false).await;
 
         loop {
             if self.remaining(deadline) < MIN_ATTEMPT {
@@ -72,17 +79,27 @@ impl<C: Clock> Engine<C> {
                 break;
             }
             let skip = |i: usize| tried.rules_out(i, pool);
-            let Some(index) = self
+            let Some(choice) = self
                 .health
-                .select(&route.members, pool, skip, self.clock.now())
+                .choose(&route.members, pool, skip, self.clock.now())
             else {
                 break;
             };
+            let index = choice.index;
+            // A probe after timeouts must not cost its caller a whole attempt timeout.
+            let limit = if choice.probe {
+                self.probe_timeout(index)
+            } else {
+                self.settings.attempt_timeout
+            };
+            if !self.lease(&choice, limit).await {
+                continue;
+            }
             tried.called[index] = true;
             if let Some(previous) = failed.take() {
                 telemetry::failover(self.id(previous));
             }
-            let (attempt, result) = self.attempt(index, deadline, &call).await;
+            let (attempt, result) = self.attempt(index, deadline, limit, writes, &call).await;
             attempts.push(attempt);
             match result {
                 Ok(output) => {
@@ -127,11 +144,29 @@ impl<C: Clock> Engine<C> {
         deadline.saturating_duration_since(self.clock.now())
     }
 
-    /// One deployment: a call, and once more after a single 500 or reset when time allows.
+    /// The time limit of calls to the fleet's table.
+    fn fleet_limit(&self) -> Duration {
+        self.settings.health_timeout
+    }
+
+    /// How long a probe of deployment `index` may take: a few times its usual latency when it
+    /// has answered before, the first-token limit otherwise, never more than an attempt.
+    fn probe_timeout(&self, index: usize) -> Duration {
+        let limit = match self.health.latency(index) {
+            Some(latency) => (latency * PROBE_LATENCIES).max(MIN_PROBE),
+            None => self.settings.first_token_timeout,
+        };
+        limit.min(self.settings.attempt_timeout)
+    }
+
+    /// One deployment: a call within `limit`, and once more after a single 500 or reset when
+    /// time allows.
     async fn attempt<T, F, Fut>(
         &self,
         index: usize,
         deadline: Instant,
+        limit: Duration,
+        writes: &mut Writes,
         call: &F,
     ) -> (Attempt, Result<T, Failure>)
     where
@@ -141,10 +176,10 @@ impl<C: Clock> Engine<C> {
         let started = self.clock.now();
         let mut retried = false;
         loop {
-            let timeout = self.settings.attempt_timeout.min(self.remaining(deadline));
+            let timeout = limit.min(self.remaining(deadline));
             let call_started = self.clock.now();
             let called = call(index, timeout).await;
-            let attempt = self.settle(index, &called, started, call_started, retried);
+            let attempt = self.settle(index, &called, started, call_started, retried, writes);
             if let Err(failure) = &called.result
                 && self.retry_once(index, failure, retried, deadline)
             {
@@ -173,8 +208,8 @@ impl<C: Clock> Engine<C> {
             && self.remaining(deadline) >= MIN_ATTEMPT
     }
 
-    /// Records what one call came to in the health table, and describes and logs it as an
-    /// attempt (`started` is when this deployment's first call began).
+    /// Records what one call came to in the health table (and starts telling the fleet), and
+    /// describes and logs it as an attempt (`started` is when this deployment's first call began).
     fn settle<T>(
         &self,
         index: usize,
@@ -182,6 +217,7 @@ impl<C: Clock> Engine<C> {
         started: Instant,
         call_started: Instant,
         retried: bool,
+        writes: &mut Writes,
     ) -> Attempt {
         let now = self.clock.now();
         let event = match &called.result {
@@ -193,10 +229,14 @@ impl<C: Clock> Engine<C> {
             Err(Failure::Throttled { retry_after }) => Event::Throttled {
                 until: now + retry_after.unwrap_or(self.settings.throttle_cooldown),
             },
+            Err(Failure::Transient(Transient::Timeout | Transient::FirstTokenTimeout)) => {
+                Event::TimedOut
+            }
             Err(Failure::Transient(_) | Failure::Misconfigured { .. }) => Event::Failure,
             Err(_) => Event::Refused,
         };
-        self.health.record(index, event, now);
+        let change = self.health.record(index, event, now);
+        self.publish(index, change, writes);
 
         let mut attempt = Attempt {
             deployment: self.id(index).to_owned(),

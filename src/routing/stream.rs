@@ -19,6 +19,7 @@ use crate::telemetry;
 use crate::upstream::{Next, Opened, StreamEvent};
 
 use super::engine::{Engine, RouteError};
+use super::link::Writes;
 
 /// After the final `finish_reason`, what is left (a usage event, `[DONE]`) must follow soon;
 /// past this the stream is finalised without waiting for it.
@@ -48,12 +49,20 @@ impl<C: Clock> Engine<C> {
         deadline: Instant,
     ) -> Result<Answer<mpsc::Receiver<Bytes>>, RouteError> {
         let first_token = self.settings.first_token_timeout;
-        let (index, answer) = self
-            .failover(route, deadline, |index, timeout| {
+        let mut writes = Writes::default();
+        let opened = self
+            .failover(route, deadline, &mut writes, |index, timeout| {
                 self.upstream
                     .open_stream(&self.clock, index, body, timeout, first_token)
             })
-            .await?;
+            .await;
+        let (index, answer) = match opened {
+            Ok(opened) => opened,
+            Err(error) => {
+                self.finish(writes).await;
+                return Err(error);
+            }
+        };
         telemetry::answered(&answer.deployment, None);
         let (tx, rx) = mpsc::channel(RELAY_BUFFER);
         let Answer {
@@ -62,7 +71,7 @@ impl<C: Clock> Engine<C> {
             output: opened,
             attempts,
         } = answer;
-        tokio::spawn(Arc::clone(self).relay(index, opened, deadline, tx));
+        tokio::spawn(Arc::clone(self).relay(index, opened, deadline, writes, tx));
         Ok(Answer {
             route,
             deployment,
@@ -73,18 +82,20 @@ impl<C: Clock> Engine<C> {
 
     /// Relays the rest of the stream. A stream that ends (or stalls) after its `finish_reason`
     /// is finalised with `[DONE]`; one that is cut or stalls before it ends with an error event
-    /// and no `[DONE]`, and counts as a failure of the deployment.
+    /// and no `[DONE]`, and counts as a failure of the deployment. The request's table writes
+    /// finish before the stream ends (Lambda freezes the environment after it).
     async fn relay(
         self: Arc<Self>,
         index: usize,
         mut opened: Opened,
         deadline: Instant,
+        mut writes: Writes,
         tx: mpsc::Sender<Bytes>,
     ) {
         let id = self.id(index).to_owned();
         for head in opened.head.drain(..) {
             if tx.send(head).await.is_err() {
-                return;
+                return self.finish(writes).await;
             }
         }
         let (mut finished, mut skipped) = (opened.finished, 0usize);
@@ -111,14 +122,14 @@ impl<C: Clock> Engine<C> {
                 }
                 Some(Next::Event(StreamEvent::Error(data))) => {
                     // The deployment said why it stopped: pass that on, without [DONE].
-                    self.interrupted(index, &id, "error event", frames);
+                    self.interrupted(index, &id, "error event", frames, &mut writes);
                     break sse::event(&data);
                 }
                 Some(Next::Event(StreamEvent::Chunk { data, finish, .. })) => {
                     finished |= finish;
                     frames += 1;
                     if tx.send(sse::event(&data)).await.is_err() {
-                        return;
+                        return self.finish(writes).await;
                     }
                     continue;
                 }
@@ -128,7 +139,7 @@ impl<C: Clock> Engine<C> {
                 None if remaining <= wait => "the request's deadline was reached",
                 None => "no event within the stream idle timeout",
             };
-            self.interrupted(index, &id, why, frames);
+            self.interrupted(index, &id, why, frames, &mut writes);
             break interrupted(&id, why);
         };
         if skipped > 0 {
@@ -138,13 +149,15 @@ impl<C: Clock> Engine<C> {
                 "skipped malformed or Azure-only stream events"
             );
         }
-        // The caller may be gone already; nothing more to do then.
+        // The caller may be gone already; the table still hears what happened.
         let _ = tx.send(ending).await;
+        self.finish(writes).await;
         telemetry::flush(self.metrics.get().copied());
     }
 
-    fn interrupted(&self, index: usize, id: &str, why: &str, frames: usize) {
-        self.health.record(index, Event::Failure, self.clock.now());
+    fn interrupted(&self, index: usize, id: &str, why: &str, frames: usize, writes: &mut Writes) {
+        let change = self.health.record(index, Event::Failure, self.clock.now());
+        self.publish(index, change, writes);
         tracing::warn!(
             deployment = id,
             outcome = "stream_interrupted",

@@ -11,7 +11,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 #[allow(unused_imports)]
 pub use azure_openai_emulator::{Behavior, Emulator, RetryAfter};
 use fallback_chat::App;
-use fallback_chat::clock::ManualClock;
+use fallback_chat::clock::{Clock, ManualClock};
 use fallback_chat::config::Config;
 use lambda_http::request::LambdaRequest;
 use lambda_http::{Adapter, Context, LambdaEvent, Request, Service, service_fn};
@@ -108,9 +108,15 @@ impl Harness {
     }
 
     /// Feeds one Lambda event (JSON text) through the handler as the runtime would, with a
-    /// deadline 30 s away.
+    /// deadline 30 s away on the function's clock.
     pub async fn invoke(&self, event: &str) -> Reply {
-        self.invoke_with_deadline(event, epoch_ms() + 30_000).await
+        let now = self
+            .clock
+            .wall()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as u64;
+        self.invoke_with_deadline(event, now + 30_000).await
     }
 
     pub async fn invoke_with_deadline(&self, event: &str, deadline_ms: u64) -> Reply {

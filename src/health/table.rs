@@ -1,6 +1,7 @@
 //! What one execution environment remembers about each deployment between invocations:
-//! throttled-until, circuit state, latency and remaining quota, and the choice of the next
-//! deployment to try. Pure data plus a time passed in, so tests move time without sleeping.
+//! throttled-until, circuit state, latency and remaining quota, what the fleet's shared table
+//! last said, and the choice of the next deployment to try. Pure data plus a time passed in, so
+//! tests move time without sleeping.
 
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -8,12 +9,15 @@ use std::time::{Duration, Instant};
 use crate::attempt::Availability;
 use crate::pool::Deployment;
 
+use super::shared::Shared;
+
 /// The circuit breaker's settings.
 #[derive(Debug, Clone, Copy)]
 pub struct Breaker {
     /// Consecutive failures that open the circuit.
     pub failures: u32,
-    /// How long an open circuit keeps the deployment out before one probe is let through.
+    /// How long an open circuit keeps the deployment out before one probe is let through (and
+    /// again after each probe that fails fast).
     pub open_for: Duration,
     /// A probe that has not reported back after this long frees the slot for another.
     pub probe_lease: Duration,
@@ -24,20 +28,34 @@ enum Circuit {
     Closed {
         failures: u32,
     },
-    /// Out until `until`; after that, half-open: one probe at a time.
-    Open {
-        until: Instant,
-        probe_since: Option<Instant>,
-    },
+    /// Out until `until`; after that, half-open: one probe at a time. `period` is how long this
+    /// opening lasts, the base for the next one.
+    Open { until: Instant, period: Duration },
+}
+
+/// A lease on a deployment's next call (a probe, or the trial after a shared cooldown), taken
+/// in the fleet's table so that one environment of the fleet makes it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Lease {
+    until: Instant,
+    ours: bool,
 }
 
 #[derive(Debug, Clone, Copy)]
 struct DeploymentHealth {
     throttled_until: Option<Instant>,
     circuit: Circuit,
+    /// When this environment's probe or trial of the deployment began, while it is out.
+    probe_since: Option<Instant>,
     latency_ewma_ms: Option<f64>,
     remaining_requests: Option<u64>,
     remaining_tokens: Option<u64>,
+    /// The fleet's cooldown has ended and no environment has reported a call since: the next
+    /// call is a trial.
+    trial: bool,
+    lease: Option<Lease>,
+    /// The fleet's table holds something about this deployment, so a recovery is news.
+    shared: bool,
 }
 
 impl Default for DeploymentHealth {
@@ -45,9 +63,13 @@ impl Default for DeploymentHealth {
         Self {
             throttled_until: None,
             circuit: Circuit::Closed { failures: 0 },
+            probe_since: None,
             latency_ewma_ms: None,
             remaining_requests: None,
             remaining_tokens: None,
+            trial: false,
+            lease: None,
+            shared: false,
         }
     }
 }
@@ -56,7 +78,7 @@ impl Default for DeploymentHealth {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum State {
     Available,
-    /// The circuit's trip time has passed: the next caller is its probe.
+    /// Its circuit's open period (or the fleet's cooldown) is over: the next caller probes it.
     HalfOpen,
     Throttled {
         until: Instant,
@@ -64,7 +86,7 @@ pub enum State {
     CircuitOpen {
         until: Instant,
     },
-    /// Half-open, and another request's probe is still out.
+    /// Half-open, and another request's probe (here or elsewhere in the fleet) is still out.
     ProbeInFlight,
 }
 
@@ -94,6 +116,11 @@ impl State {
 }
 
 impl DeploymentHealth {
+    /// Its next call is a probe of an open circuit.
+    fn probing(&self, now: Instant) -> bool {
+        matches!(self.circuit, Circuit::Open { until, .. } if until <= now)
+    }
+
     fn state(&self, now: Instant, breaker: &Breaker) -> State {
         let throttled = self.throttled_until.filter(|t| *t > now);
         let open = match self.circuit {
@@ -104,17 +131,27 @@ impl DeploymentHealth {
             (Some(t), Some(o)) if o > t => State::CircuitOpen { until: o },
             (Some(t), _) => State::Throttled { until: t },
             (None, Some(o)) => State::CircuitOpen { until: o },
-            (None, None) => match self.circuit {
-                Circuit::Open {
-                    probe_since: Some(since),
-                    ..
-                } if now.saturating_duration_since(since) < breaker.probe_lease => {
+            (None, None) if !(self.probing(now) || self.trial) => State::Available,
+            (None, None) => {
+                let elsewhere = self.lease.is_some_and(|l| !l.ours && l.until > now);
+                let here = self
+                    .probe_since
+                    .is_some_and(|since| now.saturating_duration_since(since) < breaker.probe_lease);
+                if elsewhere || here {
                     State::ProbeInFlight
+                } else {
+                    State::HalfOpen
                 }
-                Circuit::Open { .. } => State::HalfOpen,
-                Circuit::Closed { .. } => State::Available,
-            },
+            }
         }
+    }
+
+    /// Whether the fleet should hear that it is well again.
+    fn noteworthy(&self) -> bool {
+        self.shared
+            || self.trial
+            || self.throttled_until.is_some()
+            || self.circuit != Circuit::Closed { failures: 0 }
     }
 }
 
@@ -129,21 +166,55 @@ pub enum Event {
     Throttled {
         until: Instant,
     },
-    /// 5xx, timeouts, resets, refused connections, authentication and deployment errors.
+    /// 5xx, resets, refused connections, authentication and deployment errors: failures that
+    /// cost the caller little.
     Failure,
+    /// No answer within the call's time limit: a failure that cost the caller that limit.
+    TimedOut,
     /// The deployment refused this request (a 400 of some kind): it is reachable and alive.
     Refused,
+}
+
+/// What the fleet should learn from a call, if anything.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Change {
+    None,
+    /// It answered, after something had been wrong: clear what the fleet holds.
+    Recovered,
+    /// Throttled until then (the longest cooldown known).
+    Throttled { until: Instant },
+    /// One more consecutive failure, the circuit still closed.
+    Failed,
+    /// The circuit opened (or a probe failed and it opened again).
+    Opened { until: Instant, period: Duration },
+}
+
+/// The deployment chosen for the next call, and what kind of call it is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Choice {
+    pub index: usize,
+    /// It probes an open circuit: a failure keeps it out, a success brings it back.
+    pub probe: bool,
+    /// It tries a deployment whose shared cooldown has just ended.
+    pub trial: bool,
+    /// The fleet's lease for this probe or trial is already this environment's.
+    pub leased: bool,
 }
 
 struct Table {
     deployments: Vec<DeploymentHealth>,
     rng: fastrand::Rng,
+    /// When the fleet's table was last read (or a read began).
+    refreshed: Option<Instant>,
 }
 
 /// Health of each deployment in the pool, indexed like [`crate::pool::Pool::deployments`].
 pub struct HealthTable {
     table: Mutex<Table>,
     breaker: Breaker,
+    /// The longest an open circuit stays out while probes keep timing out (doubling from
+    /// `breaker.open_for`).
+    max_open: Duration,
 }
 
 /// Latencies within this many milliseconds of each other weigh about the same: only a real
@@ -160,9 +231,17 @@ impl HealthTable {
             table: Mutex::new(Table {
                 deployments: vec![DeploymentHealth::default(); deployments],
                 rng: fastrand::Rng::with_seed(seed),
+                refreshed: None,
             }),
             breaker,
+            max_open: breaker.open_for,
         }
+    }
+
+    /// While probes keep timing out, each open period doubles, up to `max_open`.
+    pub fn with_max_open(mut self, max_open: Duration) -> Self {
+        self.max_open = max_open.max(self.breaker.open_for);
+        self
     }
 
     fn with<R>(&self, f: impl FnOnce(&mut Table) -> R) -> R {
@@ -179,6 +258,16 @@ impl HealthTable {
         })
     }
 
+    /// The deployment's average latency, when it has answered.
+    pub fn latency(&self, index: usize) -> Option<Duration> {
+        self.with(|t| {
+            t.deployments
+                .get(index)
+                .and_then(|h| h.latency_ewma_ms)
+                .map(|ms| Duration::from_secs_f64(ms / 1000.0))
+        })
+    }
+
     /// Chooses the next deployment among `members` (minus those `skip` rejects): the lowest
     /// priority that has a usable member, then weighted random inside it, favouring more
     /// remaining quota and lower latency. A half-open deployment that is chosen becomes the
@@ -190,6 +279,17 @@ impl HealthTable {
         skip: impl Fn(usize) -> bool,
         now: Instant,
     ) -> Option<usize> {
+        self.choose(members, pool, skip, now).map(|c| c.index)
+    }
+
+    /// [`HealthTable::select`], saying what kind of call the chosen deployment's is.
+    pub fn choose(
+        &self,
+        members: &[usize],
+        pool: &[Deployment],
+        skip: impl Fn(usize) -> bool,
+        now: Instant,
+    ) -> Option<Choice> {
         self.with(|t| {
             let usable = |i: usize| {
                 !skip(i)
@@ -246,28 +346,37 @@ impl HealthTable {
                     break;
                 }
             }
-            let chosen = chosen?;
-            if let Circuit::Open { probe_since, .. } = &mut t.deployments[chosen].circuit {
-                *probe_since = Some(now);
+            let index = chosen?;
+            let h = &mut t.deployments[index];
+            let probe = h.probing(now);
+            let trial = !probe && h.trial;
+            if probe || trial {
+                h.probe_since = Some(now);
             }
-            Some(chosen)
+            Some(Choice {
+                index,
+                probe,
+                trial,
+                leased: h.lease.is_some_and(|l| l.ours && l.until > now),
+            })
         })
     }
 
-    /// Records what a call came to.
-    pub fn record(&self, index: usize, event: Event, now: Instant) {
+    /// Records what a call came to, and says what the fleet should learn from it.
+    pub fn record(&self, index: usize, event: Event, now: Instant) -> Change {
         let breaker = self.breaker;
+        let max_open = self.max_open;
         self.with(|t| {
             let Some(h) = t.deployments.get_mut(index) else {
-                return;
+                return Change::None;
             };
-            match event {
+            let noteworthy = h.noteworthy();
+            let change = match event {
                 Event::Success {
                     latency,
                     remaining_requests,
                     remaining_tokens,
                 } => {
-                    h.circuit = Circuit::Closed { failures: 0 };
                     let ms = latency.as_secs_f64() * 1000.0;
                     h.latency_ewma_ms = Some(
                         h.latency_ewma_ms
@@ -275,33 +384,166 @@ impl HealthTable {
                     );
                     h.remaining_requests = remaining_requests.or(h.remaining_requests);
                     h.remaining_tokens = remaining_tokens.or(h.remaining_tokens);
+                    h.recovered(now)
                 }
+                Event::Refused => h.recovered(now),
                 Event::Throttled { until } => {
                     // A later, longer Retry-After extends the cooldown; a shorter one never shortens it.
-                    h.throttled_until = Some(h.throttled_until.map_or(until, |t| t.max(until)));
+                    let until = h.throttled_until.map_or(until, |t| t.max(until));
+                    h.throttled_until = Some(until);
                     h.remaining_requests = Some(0);
                     // It answered: whatever its circuit said, the deployment is reachable.
                     h.circuit = Circuit::Closed { failures: 0 };
+                    (h.probe_since, h.trial, h.lease) = (None, false, None);
+                    Change::Throttled { until }
                 }
-                Event::Refused => h.circuit = Circuit::Closed { failures: 0 },
-                Event::Failure => {
-                    h.circuit = match h.circuit {
+                Event::Failure | Event::TimedOut => {
+                    h.probe_since = None;
+                    match h.circuit {
                         Circuit::Closed { failures } if failures + 1 < breaker.failures => {
-                            Circuit::Closed {
+                            h.circuit = Circuit::Closed {
                                 failures: failures + 1,
-                            }
+                            };
+                            Change::Failed
                         }
                         // A failure while still open (another request's) changes nothing.
-                        open @ Circuit::Open { until, .. } if until > now => open,
-                        // The threshold reached, or the half-open probe failed: out again.
-                        _ => Circuit::Open {
-                            until: now + breaker.open_for,
-                            probe_since: None,
-                        },
+                        Circuit::Open { until, .. } if until > now => Change::None,
+                        // The half-open probe failed: out again, for longer while probes time out.
+                        Circuit::Open { period, .. } => {
+                            let period = match event {
+                                Event::TimedOut => (period * 2).min(max_open),
+                                _ => breaker.open_for,
+                            };
+                            h.open(now + period, period)
+                        }
+                        // The threshold reached.
+                        Circuit::Closed { .. } => h.open(now + breaker.open_for, breaker.open_for),
+                    }
+                }
+            };
+            match change {
+                Change::Recovered if !noteworthy => Change::None,
+                change => change,
+            }
+        })
+    }
+
+    /// The fleet's table is due to be read: more than `period` since it last was. A read that is
+    /// due counts as begun, so concurrent requests do not read it twice.
+    pub fn refresh_due(&self, now: Instant, period: Duration) -> bool {
+        self.with(|t| {
+            let due = t
+                .refreshed
+                .is_none_or(|at| now.saturating_duration_since(at) >= period);
+            if due {
+                t.refreshed = Some(now);
+            }
+            due
+        })
+    }
+
+    /// Takes in what the fleet's table says about deployment `index`. `wall_ms` is the epoch
+    /// time (ms) that corresponds to `now`.
+    pub fn merge(&self, index: usize, shared: &Shared, now: Instant, wall_ms: u64) {
+        let at = |epoch_ms: u64| now + Duration::from_millis(epoch_ms.saturating_sub(wall_ms));
+        self.with(|t| {
+            let Some(h) = t.deployments.get_mut(index) else {
+                return;
+            };
+            h.shared = !shared.is_empty();
+            match shared.throttled_until {
+                // Never shortens what this environment knows.
+                Some(until) if until > wall_ms => {
+                    let until = at(until);
+                    h.throttled_until = Some(h.throttled_until.map_or(until, |t| t.max(until)));
+                    h.trial = false;
+                }
+                // Over, and no one has tried it since: the next call is a trial.
+                Some(_) => h.trial = h.throttled_until.is_none_or(|t| t <= now),
+                None => h.trial = false,
+            }
+            let period = shared
+                .open_ms
+                .map(Duration::from_millis)
+                .unwrap_or(self.breaker.open_for);
+            match (shared.open_until, h.circuit) {
+                (Some(until), Circuit::Open { until: own, .. }) if until > wall_ms => {
+                    h.circuit = Circuit::Open {
+                        until: own.max(at(until)),
+                        period,
                     };
                 }
+                (Some(until), Circuit::Closed { .. }) if until > wall_ms => {
+                    h.circuit = Circuit::Open {
+                        until: at(until),
+                        period,
+                    };
+                }
+                // Open and over: half-open for the whole fleet.
+                (Some(_), Circuit::Closed { .. }) => {
+                    h.circuit = Circuit::Open { until: now, period };
+                }
+                // Closed for the fleet (someone's probe succeeded): no need to probe here.
+                (None, Circuit::Open { until, .. }) if until <= now => {
+                    h.circuit = Circuit::Closed {
+                        failures: shared.failures,
+                    };
+                    h.probe_since = None;
+                }
+                (None, Circuit::Closed { failures }) => {
+                    h.circuit = Circuit::Closed {
+                        failures: failures.max(shared.failures),
+                    };
+                }
+                _ => {}
             }
-        });
+            h.lease = shared
+                .lease_until
+                .filter(|until| *until > wall_ms)
+                .map(|until| Lease {
+                    until: at(until),
+                    ours: shared.lease_ours,
+                });
+        })
+    }
+
+    /// The fleet's lease on deployment `index`'s next call is ours until `until`, or (when
+    /// `ours` is false) another environment's.
+    pub fn leased(&self, index: usize, until: Instant, ours: bool) {
+        self.with(|t| {
+            if let Some(h) = t.deployments.get_mut(index) {
+                h.lease = Some(Lease { until, ours });
+                if !ours {
+                    h.probe_since = None;
+                }
+            }
+        })
+    }
+
+    /// The fleet counted enough consecutive failures: the circuit is open until `until`.
+    pub fn opened(&self, index: usize, until: Instant, period: Duration) {
+        self.with(|t| {
+            if let Some(h) = t.deployments.get_mut(index)
+                && !matches!(h.circuit, Circuit::Open { until: own, .. } if own >= until)
+            {
+                h.open(until, period);
+            }
+        })
+    }
+}
+
+impl DeploymentHealth {
+    fn recovered(&mut self, now: Instant) -> Change {
+        self.circuit = Circuit::Closed { failures: 0 };
+        self.throttled_until = self.throttled_until.filter(|t| *t > now);
+        (self.probe_since, self.trial, self.lease) = (None, false, None);
+        Change::Recovered
+    }
+
+    fn open(&mut self, until: Instant, period: Duration) -> Change {
+        self.circuit = Circuit::Open { until, period };
+        (self.probe_since, self.trial, self.lease) = (None, false, None);
+        Change::Opened { until, period }
     }
 }
 
