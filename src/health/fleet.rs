@@ -83,7 +83,9 @@ impl Fleet {
     /// The name a deployment goes by in the table: its host (and path) and deployment name,
     /// so every function that calls the same Azure deployment shares what it learns.
     pub fn key(endpoint: &str, deployment: &str) -> String {
-        let host = endpoint.split_once("://").map_or(endpoint, |(_, rest)| rest);
+        let host = endpoint
+            .split_once("://")
+            .map_or(endpoint, |(_, rest)| rest);
         format!("{host}/{deployment}")
     }
 

@@ -30,7 +30,10 @@ enum Circuit {
     },
     /// Out until `until`; after that, half-open: one probe at a time. `period` is how long this
     /// opening lasts, the base for the next one.
-    Open { until: Instant, period: Duration },
+    Open {
+        until: Instant,
+        period: Duration,
+    },
 }
 
 /// A lease on a deployment's next call (a probe, or the trial after a shared cooldown), taken
@@ -134,9 +137,9 @@ impl DeploymentHealth {
             (None, None) if !(self.probing(now) || self.trial) => State::Available,
             (None, None) => {
                 let elsewhere = self.lease.is_some_and(|l| !l.ours && l.until > now);
-                let here = self
-                    .probe_since
-                    .is_some_and(|since| now.saturating_duration_since(since) < breaker.probe_lease);
+                let here = self.probe_since.is_some_and(|since| {
+                    now.saturating_duration_since(since) < breaker.probe_lease
+                });
                 if elsewhere || here {
                     State::ProbeInFlight
                 } else {
@@ -182,11 +185,16 @@ pub enum Change {
     /// It answered, after something had been wrong: clear what the fleet holds.
     Recovered,
     /// Throttled until then (the longest cooldown known).
-    Throttled { until: Instant },
+    Throttled {
+        until: Instant,
+    },
     /// One more consecutive failure, the circuit still closed.
     Failed,
     /// The circuit opened (or a probe failed and it opened again).
-    Opened { until: Instant, period: Duration },
+    Opened {
+        until: Instant,
+        period: Duration,
+    },
 }
 
 /// The deployment chosen for the next call, and what kind of call it is.

@@ -81,7 +81,12 @@ impl<C: Clock> Engine<C> {
                 .iter()
                 .map(|d| Fleet::key(&d.endpoint, &d.deployment))
                 .collect();
-            FleetLink::new(fleet, keys, settings.health_refresh, settings.health_timeout)
+            FleetLink::new(
+                fleet,
+                keys,
+                settings.health_refresh,
+                settings.health_timeout,
+            )
         });
         Ok(Self {
             upstream: Upstream::new(&pool)?,

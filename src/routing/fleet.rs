@@ -20,7 +20,12 @@ impl<C: Clock> Engine<C> {
     /// The epoch time (ms) of `at`, a moment on this Engine's clock.
     fn epoch_ms(&self, at: Instant) -> u64 {
         let now = self.clock.now();
-        let wall = millis(self.clock.wall().duration_since(UNIX_EPOCH).unwrap_or_default());
+        let wall = millis(
+            self.clock
+                .wall()
+                .duration_since(UNIX_EPOCH)
+                .unwrap_or_default(),
+        );
         if at >= now {
             wall.saturating_add(millis(at - now))
         } else {
@@ -106,7 +111,11 @@ impl<C: Clock> Engine<C> {
         }
         let now = self.clock.now();
         let now_ms = self.epoch_ms(now);
-        let (fleet, key, clock) = (link.fleet.clone(), link.keys[index].clone(), self.clock.clone());
+        let (fleet, key, clock) = (
+            link.fleet.clone(),
+            link.keys[index].clone(),
+            self.clock.clone(),
+        );
         let threshold = self.settings.breaker.failures;
         let opening = self.settings.breaker.open_for;
         let open_until_ms = self.epoch_ms(now + opening);
@@ -120,13 +129,20 @@ impl<C: Clock> Engine<C> {
         writes.0.push(tokio::spawn(async move {
             let started = clock.now();
             let (operation, result) = match change {
-                Published::Recovered => ("recovered", fleet.recovered(&key, now_ms).await.map(|_| None)),
-                Published::Throttle(until) => {
-                    ("throttle", fleet.throttle(&key, until, now_ms).await.map(|_| None))
-                }
+                Published::Recovered => (
+                    "recovered",
+                    fleet.recovered(&key, now_ms).await.map(|_| None),
+                ),
+                Published::Throttle(until) => (
+                    "throttle",
+                    fleet.throttle(&key, until, now_ms).await.map(|_| None),
+                ),
                 Published::Open(until, period) => (
                     "open",
-                    fleet.open(&key, until, millis(period), now_ms).await.map(|_| None),
+                    fleet
+                        .open(&key, until, millis(period), now_ms)
+                        .await
+                        .map(|_| None),
                 ),
                 Published::Failed => match fleet.failed(&key, now_ms).await {
                     // The fleet's failures reached the threshold: open it for everyone.
@@ -176,8 +192,11 @@ impl<C: Clock> Engine<C> {
                     if let Some((until_ms, period)) = opened {
                         let now = self.clock.now();
                         let wait = until_ms.saturating_sub(self.epoch_ms(now));
-                        self.health
-                            .opened(outcome.index, now + Duration::from_millis(wait), period);
+                        self.health.opened(
+                            outcome.index,
+                            now + Duration::from_millis(wait),
+                            period,
+                        );
                     }
                 }
                 Err(error) => self.unavailable(

@@ -59,4 +59,3 @@ pub(super) struct Outcome {
 /// The table writes one request started, to be finished before its response.
 #[derive(Default)]
 pub struct Writes(pub(super) Vec<JoinHandle<Outcome>>);
-

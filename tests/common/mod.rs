@@ -2,6 +2,9 @@
 //! Lambda events, talking to a real Azure OpenAI emulator on 127.0.0.1.
 #![allow(dead_code)] // each test binary uses its own part of the harness
 
+pub mod moto;
+pub mod proxy;
+
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::io::Write;
@@ -110,39 +113,12 @@ impl Harness {
     /// Feeds one Lambda event (JSON text) through the handler as the runtime would, with a
     /// deadline 30 s away on the function's clock.
     pub async fn invoke(&self, event: &str) -> Reply {
-        let now = self
-            .clock
-            .wall()
-            .duration_since(UNIX_EPOCH)
-            .unwrap()
-            .as_millis() as u64;
-        self.invoke_with_deadline(event, now + 30_000).await
+        self.invoke_with_deadline(event, wall_ms(&self.clock) + 30_000)
+            .await
     }
 
     pub async fn invoke_with_deadline(&self, event: &str, deadline_ms: u64) -> Reply {
-        let payload: LambdaRequest = serde_json::from_str(event).expect("a Lambda HTTP event");
-        let mut context = Context::default();
-        context.request_id = format!("req-{:x}", rand_id());
-        context.deadline = deadline_ms;
-        context.invoked_function_arn =
-            "arn:aws:lambda:us-east-1:123456789012:function:fallback-chat".into();
-
-        let app = Arc::clone(&self.app);
-        let handler = service_fn(move |request: Request| {
-            let app = Arc::clone(&app);
-            async move { Ok::<_, Infallible>(app.handle_buffered(request).await) }
-        });
-        let _logs = tracing::subscriber::set_default(self.logs.subscriber());
-        // The span the runtime opens around each invocation, carrying the request id.
-        let span = request_span(&context);
-        let mut service = Adapter::from(handler);
-        let response = service
-            .call(LambdaEvent::new(payload, context))
-            .instrument(span)
-            .await
-            .expect("the handler never fails");
-        let raw = serde_json::to_string(&response).expect("response serialises");
-        parse_reply(&raw)
+        invoke_app(&self.app, &self.logs, event, deadline_ms).await
     }
 
     /// `GET /?query=...` through an HTTP API (v2) event.
@@ -179,6 +155,44 @@ impl Harness {
     pub fn advance(&self, by: Duration) {
         self.clock.advance(by);
     }
+}
+
+/// Feeds one Lambda event (JSON text) through `app` as the runtime would, wrapped exactly as
+/// `lambda_http::run` wraps it, its log lines in `logs`.
+pub async fn invoke_app(
+    app: &Arc<App<Arc<ManualClock>>>,
+    logs: &Logs,
+    event: &str,
+    deadline_ms: u64,
+) -> Reply {
+    let payload: LambdaRequest = serde_json::from_str(event).expect("a Lambda HTTP event");
+    let mut context = Context::default();
+    context.request_id = format!("req-{:x}", rand_id());
+    context.deadline = deadline_ms;
+    context.invoked_function_arn =
+        "arn:aws:lambda:us-east-1:123456789012:function:fallback-chat".into();
+
+    let app = Arc::clone(app);
+    let handler = service_fn(move |request: Request| {
+        let app = Arc::clone(&app);
+        async move { Ok::<_, Infallible>(app.handle_buffered(request).await) }
+    });
+    let _logs = tracing::subscriber::set_default(logs.subscriber());
+    // The span the runtime opens around each invocation, carrying the request id.
+    let span = request_span(&context);
+    let mut service = Adapter::from(handler);
+    let response = service
+        .call(LambdaEvent::new(payload, context))
+        .instrument(span)
+        .await
+        .expect("the handler never fails");
+    let raw = serde_json::to_string(&response).expect("response serialises");
+    parse_reply(&raw)
+}
+
+/// The epoch time (ms) on `clock`.
+pub fn wall_ms(clock: &impl Clock) -> u64 {
+    clock.wall().duration_since(UNIX_EPOCH).unwrap().as_millis() as u64
 }
 
 /// A minimal but real HTTP API payload v2 event for `GET /` with an optional query.
@@ -300,7 +314,7 @@ fn rand_id() -> u64 {
 pub struct Logs(Arc<Mutex<Vec<u8>>>);
 
 impl Logs {
-    fn subscriber(&self) -> impl tracing::Subscriber + Send + Sync + use<> {
+    pub fn subscriber(&self) -> impl tracing::Subscriber + Send + Sync + use<> {
         tracing_subscriber::fmt()
             .json()
             .with_max_level(tracing::Level::TRACE)

@@ -1,0 +1,121 @@
+//! moto's server (AWS APIs on 127.0.0.1), started for a test and killed when it ends.
+
+use std::net::{TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// moto's server, killed when the test ends however it ends.
+pub struct Moto {
+    child: Child,
+    port: u16,
+    /// moto appends one JSON line per request it receives here (MOTO_ENABLE_RECORDING).
+    recording: PathBuf,
+}
+
+impl Drop for Moto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Moto {
+    pub fn start() -> Self {
+        let executable = moto_executable();
+        // A free port: bound, read, released; moto binds it a moment later.
+        let port = TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("no free local port")
+            .port();
+        let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
+        let recording = dir.join(format!("moto-recording-{port}.jsonl"));
+        let log = dir.join(format!("moto-{port}.log"));
+        let _ = std::fs::remove_file(&recording);
+        let child = Command::new(&executable)
+            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            .env("MOTO_ENABLE_RECORDING", "true")
+            .env("MOTO_RECORDER_FILEPATH", &recording)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("cannot create moto's log file"))
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!(
+                    "cannot start {}: {e}; `make test` installs moto_server (pip install 'moto[server]' into .venv)",
+                    executable.display()
+                )
+            });
+        let mut moto = Moto {
+            child,
+            port,
+            recording,
+        };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            if let Ok(Some(status)) = moto.child.try_wait() {
+                panic!(
+                    "{} exited ({status}) before answering; its output:\n{}",
+                    executable.display(),
+                    std::fs::read_to_string(&log).unwrap_or_default()
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "moto_server did not answer on 127.0.0.1:{port} within 60 s"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        moto.reset();
+        moto
+    }
+
+    /// Stops the server now, as an outage would.
+    pub fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// Forgets the requests recorded so far.
+    pub fn reset(&self) {
+        std::fs::write(&self.recording, "").expect("cannot reset moto's recording");
+    }
+
+    /// How many requests for `target` (an X-Amz-Target such as `secretsmanager.GetSecretValue`)
+    /// moto received since the last reset.
+    pub fn calls(&self, target: &str) -> usize {
+        let needle = format!("\"{target}\"");
+        std::fs::read_to_string(&self.recording)
+            .unwrap_or_default()
+            .lines()
+            .filter(|line| line.contains(&needle))
+            .count()
+    }
+}
+
+/// `MOTO_SERVER`, else the Makefile's venv, else PATH.
+fn moto_executable() -> PathBuf {
+    if let Some(path) = std::env::var_os("MOTO_SERVER") {
+        return PathBuf::from(path);
+    }
+    let venv = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/moto_server");
+    if venv.is_file() {
+        return venv;
+    }
+    std::env::var_os("PATH")
+        .iter()
+        .flat_map(std::env::split_paths)
+        .map(|dir| dir.join("moto_server"))
+        .find(|path| path.is_file())
+        .unwrap_or_else(|| {
+            panic!(
+                "moto_server not found (looked at $MOTO_SERVER, {}, and PATH): `make test` installs it, \
+                 or run: python3 -m venv .venv && .venv/bin/pip install 'moto[server]'",
+                venv.display()
+            )
+        })
+}

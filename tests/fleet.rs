@@ -1,0 +1,444 @@
+//! Fleet memory: several execution environments (App instances, each with its own health table)
+//! sharing one DynamoDB table in moto's server, in front of one Azure OpenAI emulator. What one
+//! learns, the others know by their next read; one probe and one trial for the whole fleet; a
+//! slow or missing table costs at most its time limit.
+
+mod common;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use aws_sdk_dynamodb::config::{BehaviorVersion, Credentials, Region};
+use aws_sdk_dynamodb::types::{
+    AttributeDefinition, BillingMode, KeySchemaElement, KeyType, ScalarAttributeType,
+};
+use common::moto::Moto;
+use common::proxy::Proxy;
+use common::{Behavior, Emulator, Logs, Reply, RetryAfter, http_api_get, invoke_app, wall_ms};
+use fallback_chat::App;
+use fallback_chat::clock::{Clock, ManualClock};
+use fallback_chat::config::Config;
+use fallback_chat::health::Fleet;
+
+const KEY: &str = "emulator-key";
+const TABLE: &str = "fallback-chat-health";
+
+/// One execution environment.
+struct Environment {
+    app: Arc<App<Arc<ManualClock>>>,
+    logs: Logs,
+}
+
+/// A fleet of environments, the emulator they call, and the table they share (through a proxy
+/// that can slow it down).
+struct FleetUnderTest {
+    emulator: Emulator,
+    moto: Moto,
+    proxy: Proxy,
+    clock: Arc<ManualClock>,
+    environments: Vec<Environment>,
+}
+
+fn client(endpoint: &str) -> aws_sdk_dynamodb::Client {
+    let config = aws_sdk_dynamodb::Config::builder()
+        .behavior_version(BehaviorVersion::latest())
+        .region(Region::new("us-east-1"))
+        .endpoint_url(endpoint)
+        .credentials_provider(Credentials::new("testing", "testing", None, None, "test"))
+        .build();
+    aws_sdk_dynamodb::Client::from_conf(config)
+}
+
+impl FleetUnderTest {
+    /// `size` environments over gpt-4o then gpt-35-turbo, with `env` added to the settings.
+    async fn start(size: usize, deployments: &[(&str, Behavior)], env: &[(&str, &str)]) -> Self {
+        let mut builder = Emulator::builder().api_key(KEY);
+        for (name, behavior) in deployments {
+            builder = builder.deployment(*name, behavior.clone());
+        }
+        let emulator = builder.start().await.expect("emulator starts");
+        let moto = Moto::start();
+        client(&moto.endpoint())
+            .create_table()
+            .table_name(TABLE)
+            .attribute_definitions(
+                AttributeDefinition::builder()
+                    .attribute_name("pk")
+                    .attribute_type(ScalarAttributeType::S)
+                    .build()
+                    .unwrap(),
+            )
+            .key_schema(
+                KeySchemaElement::builder()
+                    .attribute_name("pk")
+                    .key_type(KeyType::Hash)
+                    .build()
+                    .unwrap(),
+            )
+            .billing_mode(BillingMode::PayPerRequest)
+            .send()
+            .await
+            .expect("CreateTable");
+        let proxy = Proxy::start(moto.endpoint().trim_start_matches("http://").to_owned()).await;
+        let names: Vec<&str> = deployments.iter().map(|(n, _)| *n).collect();
+        let mut vars: HashMap<String, String> = HashMap::from([
+            ("AZURE_OPENAI_ENDPOINT".into(), emulator.url()),
+            ("AZURE_OPENAI_API_KEY".into(), KEY.into()),
+            ("AZURE_OPENAI_DEPLOYMENTS".into(), names.join(",")),
+            ("AUTH_PROVIDED_BY".into(), "authorizer".into()),
+            ("HEALTH_TABLE".into(), TABLE.into()),
+            // moto on a busy CI machine: more time than DynamoDB needs.
+            ("HEALTH_TIMEOUT_MS".into(), "300".into()),
+        ]);
+        vars.extend(env.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+        let config = Config::from_lookup(|k| vars.get(k).cloned()).expect("valid config");
+        let clock = Arc::new(ManualClock::default());
+        let environments = (0..size)
+            .map(|i| {
+                let fleet = Fleet::new(client(&proxy.url()), TABLE);
+                let app =
+                    App::with_fleet(config.clone(), Arc::clone(&clock), i as u64, Some(fleet))
+                        .expect("app builds");
+                Environment {
+                    app: Arc::new(app),
+                    logs: Logs::default(),
+                }
+            })
+            .collect();
+        Self {
+            emulator,
+            moto,
+            proxy,
+            clock,
+            environments,
+        }
+    }
+
+    /// `GET /?query=` through environment `i`.
+    async fn ask(&self, i: usize, query: &str) -> Reply {
+        let env = &self.environments[i];
+        let deadline = wall_ms(&self.clock) + 30_000;
+        invoke_app(&env.app, &env.logs, &http_api_get(Some(query)), deadline).await
+    }
+
+    fn advance(&self, by: Duration) {
+        self.clock.advance(by);
+    }
+
+    fn calls(&self, deployment: &str) -> usize {
+        self.emulator.calls(deployment)
+    }
+
+    /// What the table holds about the emulator's `deployment`.
+    async fn shared(&self, deployment: &str) -> fallback_chat::health::Shared {
+        let key = Fleet::key(&self.emulator.url(), deployment);
+        let fleet = Fleet::new(client(&self.moto.endpoint()), TABLE);
+        fleet
+            .read(&[key])
+            .await
+            .expect("the table answers")
+            .remove(0)
+    }
+}
+
+fn both() -> [(&'static str, Behavior); 2] {
+    [
+        ("gpt-4o", Behavior::Healthy),
+        ("gpt-35-turbo", Behavior::Healthy),
+    ]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_429_seen_by_one_environment_is_honoured_by_all_after_their_next_read() {
+    let f = FleetUnderTest::start(3, &both(), &[]).await;
+    for i in 0..3 {
+        assert_eq!(f.ask(i, "warm").await.body["deployment"], "gpt-4o");
+    }
+    f.emulator
+        .set("gpt-4o", Behavior::Throttled(RetryAfter::Seconds(7)));
+    f.emulator.reset_counters();
+
+    // The first to meet the 429 writes it before its response returns.
+    let first = f.ask(0, "one").await;
+    assert_eq!(first.body["deployment"], "gpt-35-turbo");
+    assert_eq!(f.calls("gpt-4o"), 1);
+    let shared = f.shared("gpt-4o").await;
+    let wall = wall_ms(&f.clock);
+    assert!(
+        shared
+            .throttled_until
+            .is_some_and(|t| (6_900..=7_100).contains(&(t - wall))),
+        "{shared:?}"
+    );
+
+    // The others read the table (their last read is a second old) and skip it.
+    f.advance(Duration::from_millis(1_100));
+    for i in 1..3 {
+        let reply = f.ask(i, "two").await;
+        assert_eq!(reply.body["deployment"], "gpt-35-turbo");
+        assert_eq!(reply.header("x-fallback-attempts"), Some("1"), "{i}");
+    }
+    assert_eq!(f.calls("gpt-4o"), 1, "called once for the whole fleet");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn when_a_shared_cooldown_ends_one_environment_tries_it_and_the_others_wait_for_its_word() {
+    let f = FleetUnderTest::start(3, &both(), &[]).await;
+    f.emulator
+        .set("gpt-4o", Behavior::Throttled(RetryAfter::Seconds(7)));
+    assert_eq!(f.ask(0, "one").await.body["deployment"], "gpt-35-turbo");
+    f.advance(Duration::from_millis(1_100));
+    for i in 1..3 {
+        f.ask(i, "learn").await;
+    }
+    assert_eq!(f.calls("gpt-4o"), 1);
+
+    // The cooldown ends; the deployment is well again, but slow to answer the first call.
+    f.emulator.set("gpt-4o", Behavior::Healthy);
+    f.emulator
+        .set_latency("gpt-4o", Duration::from_millis(1_500));
+    f.advance(Duration::from_millis(6_000));
+    let trial = {
+        let env = &f.environments[0];
+        let (app, logs) = (Arc::clone(&env.app), env.logs.clone());
+        let deadline = wall_ms(&f.clock) + 30_000;
+        tokio::spawn(async move {
+            invoke_app(&app, &logs, &http_api_get(Some("trial")), deadline).await
+        })
+    };
+    let started = Instant::now();
+    while f.calls("gpt-4o") < 2 {
+        assert!(started.elapsed() < Duration::from_secs(5), "no trial began");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // While it is out, the others keep to the fallback.
+    for i in 1..3 {
+        assert_eq!(
+            f.ask(i, "meanwhile").await.body["deployment"],
+            "gpt-35-turbo"
+        );
+    }
+    assert_eq!(f.calls("gpt-4o"), 2, "one trial for the fleet");
+
+    // It answered: cleared for everyone, who use it again after their next read.
+    assert_eq!(trial.await.unwrap().body["deployment"], "gpt-4o");
+    assert_eq!(f.shared("gpt-4o").await.throttled_until, None);
+    f.emulator.set_latency("gpt-4o", Duration::ZERO);
+    f.advance(Duration::from_millis(1_100));
+    for i in 1..3 {
+        assert_eq!(f.ask(i, "after").await.body["deployment"], "gpt-4o");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_circuit_opened_by_one_environment_is_skipped_by_all_and_probed_once() {
+    let f = FleetUnderTest::start(3, &both(), &[("CIRCUIT_FAILURES", "3")]).await;
+    f.emulator.set("gpt-4o", Behavior::Unavailable);
+    // Three failures, counted by the fleet, spread over the environments.
+    for i in 0..3 {
+        assert_eq!(f.ask(i, "fail").await.body["deployment"], "gpt-35-turbo");
+    }
+    assert_eq!(f.calls("gpt-4o"), 3);
+    let shared = f.shared("gpt-4o").await;
+    assert!(shared.open_until.is_some(), "{shared:?}");
+
+    f.advance(Duration::from_millis(1_100));
+    for i in 0..3 {
+        assert_eq!(
+            f.ask(i, "skip").await.header("x-fallback-attempts"),
+            Some("1")
+        );
+    }
+    assert_eq!(
+        f.calls("gpt-4o"),
+        3,
+        "no environment calls it while it is open"
+    );
+
+    // The open period ends: one probe for the fleet (slow, so the others ask meanwhile).
+    f.emulator.set("gpt-4o", Behavior::Healthy);
+    f.emulator
+        .set_latency("gpt-4o", Duration::from_millis(1_000));
+    f.advance(Duration::from_millis(4_000));
+    let probe = {
+        let env = &f.environments[2];
+        let (app, logs) = (Arc::clone(&env.app), env.logs.clone());
+        let deadline = wall_ms(&f.clock) + 30_000;
+        tokio::spawn(async move {
+            invoke_app(&app, &logs, &http_api_get(Some("probe")), deadline).await
+        })
+    };
+    let started = Instant::now();
+    while f.calls("gpt-4o") < 4 {
+        assert!(started.elapsed() < Duration::from_secs(5), "no probe began");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    for i in 0..2 {
+        assert_eq!(
+            f.ask(i, "meanwhile").await.body["deployment"],
+            "gpt-35-turbo"
+        );
+    }
+    assert_eq!(f.calls("gpt-4o"), 4, "exactly one probe for the fleet");
+    assert_eq!(probe.await.unwrap().body["deployment"], "gpt-4o");
+
+    f.emulator.set_latency("gpt-4o", Duration::ZERO);
+    f.advance(Duration::from_millis(1_100));
+    for i in 0..2 {
+        assert_eq!(f.ask(i, "back").await.body["deployment"], "gpt-4o");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shorter_retry_after_written_later_never_shortens_a_longer_one() {
+    let f = FleetUnderTest::start(3, &both(), &[]).await;
+    // Environments 1 and 2 read the table before any 429.
+    f.ask(1, "warm").await;
+    f.ask(2, "warm").await;
+    f.emulator
+        .push("gpt-4o", Behavior::Throttled(RetryAfter::Seconds(20)));
+    f.emulator
+        .push("gpt-4o", Behavior::Throttled(RetryAfter::Seconds(2)));
+    f.ask(0, "long").await;
+    let long = f.shared("gpt-4o").await.throttled_until.unwrap();
+    // Environment 1's read is not due yet: it meets the 429 itself, a shorter one.
+    f.ask(1, "short").await;
+    assert_eq!(f.calls("gpt-4o"), 4, "two warm-ups, then the two 429s");
+    assert_eq!(
+        f.shared("gpt-4o").await.throttled_until,
+        Some(long),
+        "the 2 s Retry-After did not shorten the 20 s one"
+    );
+    f.advance(Duration::from_secs(5));
+    assert_eq!(f.ask(2, "later").await.body["deployment"], "gpt-35-turbo");
+    assert_eq!(f.calls("gpt-4o"), 4);
+}
+
+/// Every request is answered from local knowledge, and none waits on the table longer than its
+/// time limit (300 ms here, and the table's writes at most as long again).
+async fn answered_locally_within_the_limit(f: &FleetUnderTest) {
+    f.emulator
+        .set("gpt-4o", Behavior::Throttled(RetryAfter::Seconds(7)));
+    for round in 0..6 {
+        f.advance(Duration::from_millis(1_100));
+        let started = Instant::now();
+        let reply = f.ask(round % 2, "q").await;
+        let elapsed = started.elapsed();
+        assert_eq!(reply.status, 200, "{:?}", reply.body);
+        assert!(
+            elapsed < Duration::from_millis(900),
+            "round {round}: {elapsed:?}"
+        );
+    }
+    // What each environment learned itself still holds: gpt-4o once per environment.
+    assert_eq!(f.calls("gpt-4o"), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_table_never_fails_a_request_nor_adds_more_than_its_time_limit() {
+    let f = FleetUnderTest::start(2, &both(), &[]).await;
+    f.proxy.slow_down(Duration::from_secs(2));
+    answered_locally_within_the_limit(&f).await;
+    // Said once, not once per request.
+    let warnings = f.environments[0]
+        .logs
+        .text()
+        .matches("shared health table unavailable")
+        .count();
+    assert_eq!(warnings, 1, "{}", f.environments[0].logs.text());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_table_that_is_down_leaves_every_environment_to_its_own_knowledge() {
+    let mut f = FleetUnderTest::start(2, &both(), &[]).await;
+    f.moto.stop();
+    answered_locally_within_the_limit(&f).await;
+}
+
+/// Requests every 0.5 s, from `from` to `to` seconds on the test clock, through the
+/// environments in turn; returns (second, deployment) for each.
+async fn every_half_second(f: &FleetUnderTest, from: u64, to: u64) -> Vec<(f64, String)> {
+    let started = f.clock.now();
+    let mut answers = Vec::new();
+    let mut at = Duration::from_secs(from);
+    while at < Duration::from_secs(to) {
+        let since = f.clock.now() - started;
+        if since < at - Duration::from_secs(from) {
+            f.advance(at - Duration::from_secs(from) - since);
+        }
+        let turn = answers.len() % f.environments.len();
+        let reply = f.ask(turn, "q").await;
+        let second = (f.clock.now() - started).as_secs_f64() + from as f64;
+        answers.push((
+            second,
+            reply.body["deployment"].as_str().unwrap_or("").to_owned(),
+        ));
+        at += Duration::from_millis(500);
+    }
+    answers
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_primary_down_for_8_s_answers_again_within_5_s_of_recovering() {
+    for size in [1, 2] {
+        let f = FleetUnderTest::start(size, &both(), &[]).await;
+        f.emulator.set("gpt-4o", Behavior::Unavailable);
+        let outage = every_half_second(&f, 0, 8).await;
+        assert!(
+            outage.iter().all(|(_, d)| d == "gpt-35-turbo"),
+            "{outage:?}"
+        );
+        f.emulator.set("gpt-4o", Behavior::Healthy);
+        let after = every_half_second(&f, 8, 20).await;
+        let back = after
+            .iter()
+            .find(|(_, d)| d == "gpt-4o")
+            .map(|(s, _)| *s)
+            .expect("gpt-4o answers again");
+        assert!(
+            back <= 13.0,
+            "{size} environment(s): back at {back} s: {after:?}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_primary_that_hangs_for_60_s_is_probed_rarely_and_each_probe_is_short() {
+    let f = FleetUnderTest::start(
+        1,
+        &both(),
+        &[
+            ("ATTEMPT_TIMEOUT_MS", "3000"),
+            ("REQUEST_TIMEOUT_MS", "20000"),
+        ],
+    )
+    .await;
+    // Warm: its usual latency is known.
+    for _ in 0..3 {
+        assert_eq!(f.ask(0, "warm").await.body["deployment"], "gpt-4o");
+    }
+    f.emulator.set("gpt-4o", Behavior::Hang);
+    f.emulator.reset_counters();
+    let started = f.clock.now();
+    let mut probes = Vec::new();
+    while f.clock.now() - started < Duration::from_secs(60) {
+        let calls = f.calls("gpt-4o");
+        let real = Instant::now();
+        let reply = f.ask(0, "q").await;
+        assert_eq!(reply.status, 200);
+        if f.calls("gpt-4o") > calls && calls >= 3 {
+            probes.push(real.elapsed());
+        }
+        f.advance(Duration::from_millis(500));
+    }
+    let calls = f.calls("gpt-4o");
+    assert!(calls <= 7, "{calls} calls to a hung deployment in 60 s");
+    assert!(!probes.is_empty(), "it was probed");
+    for probe in &probes {
+        assert!(
+            *probe < Duration::from_millis(2_000),
+            "a probe took {probe:?}"
+        );
+    }
+}
