@@ -676,4 +676,167 @@ mod tests {
         clock.advance(BREAKER.probe_lease);
         assert_eq!(health.state(0, clock.now()), State::HalfOpen);
     }
+
+    fn open_until(health: &HealthTable, now: Instant) -> Duration {
+        match health.state(0, now) {
+            State::CircuitOpen { until } => until - now,
+            other => panic!("not open: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn probes_that_time_out_back_off_to_the_cap_and_a_fast_failure_or_success_resets_it() {
+        let clock = ManualClock::default();
+        let health = HealthTable::new(1, BREAKER, 1).with_max_open(Duration::from_secs(100));
+        let pool = one_deployment();
+        for _ in 0..3 {
+            health.record(0, Event::TimedOut, clock.now());
+        }
+        assert_eq!(open_until(&health, clock.now()), Duration::from_secs(30));
+        for expected in [60, 100, 100] {
+            clock.advance(open_until(&health, clock.now()));
+            let choice = health.choose(&[0], &pool, |_| false, clock.now()).unwrap();
+            assert!(choice.probe && !choice.trial);
+            let change = health.record(0, Event::TimedOut, clock.now());
+            let period = Duration::from_secs(expected);
+            assert_eq!(
+                change,
+                Change::Opened {
+                    until: clock.now() + period,
+                    period
+                }
+            );
+        }
+        // A probe that fails fast (a 503: it is up, and cheap to ask) is retried soon.
+        clock.advance(open_until(&health, clock.now()));
+        health.select(&[0], &pool, |_| false, clock.now());
+        health.record(0, Event::Failure, clock.now());
+        assert_eq!(open_until(&health, clock.now()), BREAKER.open_for);
+    }
+
+    #[test]
+    fn only_news_is_worth_telling_the_fleet() {
+        let clock = ManualClock::default();
+        let health = HealthTable::new(1, BREAKER, 1);
+        let now = clock.now();
+        assert_eq!(health.record(0, Event::Refused, now), Change::None);
+        assert_eq!(health.record(0, Event::Failure, now), Change::Failed);
+        assert_eq!(
+            health.record(0, Event::Refused, now),
+            Change::Recovered,
+            "a failure was counted: the fleet should forget it"
+        );
+        assert_eq!(health.record(0, Event::Refused, now), Change::None);
+        let until = now + Duration::from_secs(7);
+        assert_eq!(
+            health.record(0, Event::Throttled { until }, now),
+            Change::Throttled { until }
+        );
+    }
+
+    fn shared(f: impl FnOnce(&mut Shared)) -> Shared {
+        let mut shared = Shared::default();
+        f(&mut shared);
+        shared
+    }
+
+    #[test]
+    fn the_fleets_cooldowns_and_circuits_merge_without_shortening_local_ones() {
+        let clock = ManualClock::default();
+        let health = HealthTable::new(1, BREAKER, 1);
+        let (now, wall) = (clock.now(), 1_000_000);
+        health.record(
+            0,
+            Event::Throttled {
+                until: now + Duration::from_secs(20),
+            },
+            now,
+        );
+        health.merge(
+            0,
+            &shared(|s| s.throttled_until = Some(wall + 5_000)),
+            now,
+            wall,
+        );
+        assert_eq!(
+            health.state(0, now).until(),
+            Some(now + Duration::from_secs(20))
+        );
+
+        let health = HealthTable::new(1, BREAKER, 1);
+        health.merge(
+            0,
+            &shared(|s| s.throttled_until = Some(wall + 7_000)),
+            now,
+            wall,
+        );
+        assert_eq!(
+            health.state(0, now),
+            State::Throttled {
+                until: now + Duration::from_secs(7)
+            }
+        );
+        health.merge(
+            0,
+            &shared(|s| {
+                s.open_until = Some(wall + 9_000);
+                s.open_ms = Some(9_000);
+            }),
+            now,
+            wall,
+        );
+        assert_eq!(
+            health.state(0, now),
+            State::CircuitOpen {
+                until: now + Duration::from_secs(9)
+            }
+        );
+    }
+
+    #[test]
+    fn after_a_shared_cooldown_one_trial_goes_to_whoever_holds_the_lease() {
+        let clock = ManualClock::default();
+        let pool = one_deployment();
+        let (now, wall) = (clock.now(), 1_000_000);
+        let over = |lease: Option<(u64, bool)>| {
+            shared(|s| {
+                s.throttled_until = Some(wall - 1);
+                if let Some((until, ours)) = lease {
+                    (s.lease_until, s.lease_ours) = (Some(until), ours);
+                }
+            })
+        };
+        // Nobody holds it: the next call here is the trial, and needs the lease.
+        let health = HealthTable::new(1, BREAKER, 1);
+        health.merge(0, &over(None), now, wall);
+        assert_eq!(health.state(0, now), State::HalfOpen);
+        let choice = health.choose(&[0], &pool, |_| false, now).unwrap();
+        assert!(choice.trial && !choice.probe && !choice.leased);
+        assert_eq!(
+            health.state(0, now),
+            State::ProbeInFlight,
+            "one trial here at a time"
+        );
+
+        // Another environment holds it: wait for its word.
+        let health = HealthTable::new(1, BREAKER, 1);
+        health.merge(0, &over(Some((wall + 3_000, false))), now, wall);
+        assert_eq!(health.state(0, now), State::ProbeInFlight);
+        assert_eq!(
+            health.state(0, now + Duration::from_secs(3)),
+            State::HalfOpen,
+            "it lapsed"
+        );
+
+        // Ours: go ahead without asking the table again.
+        let health = HealthTable::new(1, BREAKER, 1);
+        health.merge(0, &over(Some((wall + 3_000, true))), now, wall);
+        assert!(health.choose(&[0], &pool, |_| false, now).unwrap().leased);
+
+        // Someone's trial answered and the table forgot it: back to normal.
+        health.merge(0, &Shared::default(), now, wall);
+        assert_eq!(health.state(0, now), State::Available);
+        let choice = health.choose(&[0], &pool, |_| false, now).unwrap();
+        assert!(!choice.trial && !choice.probe);
+    }
 }
