@@ -25,6 +25,7 @@ unit: $(VENV)/.installed
 
 e2e: $(VENV)/.installed
 	scripts/e2e.sh
+	scripts/e2e-fleet.sh
 
 template: $(VENV)/.installed
 	scripts/check-template.sh

@@ -1,0 +1,103 @@
+#!/usr/bin/env bash
+# End to end, fleet memory: several execution environments under `cargo lambda watch
+# --concurrency 4`, sharing health through a DynamoDB table in moto's server. gpt-4o answers 429
+# (Retry-After 7 s): the first environment to meet it tells the table, and the environments
+# cargo-lambda starts for a burst of concurrent requests read it before their first request
+# and never call gpt-4o. Starts and stops everything itself, all on 127.0.0.1.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source scripts/lib.sh
+
+EMULATOR_PORT=$(free_port)
+MOTO_PORT=$(free_port)
+PORT=$(free_port)
+LOG=$(mktemp -t fallback-chat-e2e-fleet.XXXXXX)
+ENV_FILE=$(mktemp)
+WATCH_PGID="" MOTO_PID=""
+cleanup() {
+  [[ -n "$WATCH_PGID" ]] && kill -- "-$WATCH_PGID" 2>/dev/null || true
+  [[ -n "$MOTO_PID" ]] && kill "$MOTO_PID" 2>/dev/null || true
+  [[ -n "${EMULATOR_PID:-}" ]] && kill "$EMULATOR_PID" 2>/dev/null || true
+  rm -f "$ENV_FILE"
+}
+trap cleanup EXIT
+
+start_emulator "$EMULATOR_PORT" 600 --deployment gpt-4o=throttled:7 --deployment gpt-35-turbo=healthy \
+  --latency-ms 200 >>"$LOG.emulator" 2>&1
+moto_server -H 127.0.0.1 -p "$MOTO_PORT" >"$LOG.moto" 2>&1 &
+MOTO_PID=$!
+wait_for "http://127.0.0.1:$MOTO_PORT/" 60
+export AWS_ACCESS_KEY_ID=testing AWS_SECRET_ACCESS_KEY=testing AWS_REGION=us-east-1 AWS_DEFAULT_REGION=us-east-1
+python3 - "$MOTO_PORT" <<'PY'
+import sys, boto3
+ddb = boto3.client("dynamodb", endpoint_url=f"http://127.0.0.1:{sys.argv[1]}")
+ddb.create_table(TableName="fallback-chat-health", BillingMode="PAY_PER_REQUEST",
+                 AttributeDefinitions=[{"AttributeName": "pk", "AttributeType": "S"}],
+                 KeySchema=[{"AttributeName": "pk", "KeyType": "HASH"}])
+ddb.update_time_to_live(TableName="fallback-chat-health",
+                        TimeToLiveSpecification={"Enabled": True, "AttributeName": "expires_at"})
+PY
+
+KEY=fc-example-client-key-0000
+cat >"$ENV_FILE" <<EOF
+AZURE_OPENAI_ENDPOINT=http://127.0.0.1:$EMULATOR_PORT
+AZURE_OPENAI_API_KEY=emulator-key
+AZURE_OPENAI_DEPLOYMENTS=gpt-4o,gpt-35-turbo
+CLIENT_API_KEYS=$KEY
+HEALTH_TABLE=fallback-chat-health
+HEALTH_TIMEOUT_MS=500
+AWS_ENDPOINT_URL=http://127.0.0.1:$MOTO_PORT
+AWS_ACCESS_KEY_ID=testing
+AWS_SECRET_ACCESS_KEY=testing
+AWS_REGION=us-east-1
+EOF
+setsid timeout 600 cargo lambda watch --invoke-address 127.0.0.1 --invoke-port "$PORT" --concurrency 4 \
+  --env-file "$ENV_FILE" --ignore-changes >"$LOG" 2>&1 &
+WATCH_PGID=$!
+wait_for_port "$PORT" 300
+
+passed=0 failed=0
+check() { # check NAME EXPECTED ACTUAL
+  if [[ "$2" == "$3" ]]; then
+    passed=$((passed + 1)); echo "ok   $1"
+  else
+    failed=$((failed + 1)); echo "FAIL $1: expected $2, got $3"
+  fi
+}
+gpt4o_calls() { grep -c 'deployment=gpt-4o ' "$LOG.emulator" || true; }
+
+# One environment meets the 429 and writes it to the table before its response returns.
+first=$(curl -s --max-time 300 -H "Authorization: Bearer $KEY" "http://127.0.0.1:$PORT/?query=first")
+check "the first request is answered by the fallback" gpt-35-turbo \
+  "$(python3 -c 'import json,sys; print(json.load(sys.stdin).get("deployment"))' <<<"$first")"
+check "gpt-4o was called once" 1 "$(gpt4o_calls)"
+
+# A burst of 16 concurrent requests, a little over a second later (how stale an environment's
+# knowledge may be: HEALTH_REFRESH_MS): the environments already running read the table, and
+# those cargo-lambda starts for the burst (up to 4 in all) read it before their first request.
+sleep 1.2
+python3 - "$PORT" "$KEY" >"$LOG.burst" <<'PY'
+import json, sys, urllib.request
+from concurrent.futures import ThreadPoolExecutor
+port, key = sys.argv[1], sys.argv[2]
+def ask(i):
+    req = urllib.request.Request(f"http://127.0.0.1:{port}/?query=burst-{i}",
+                                 headers={"Authorization": f"Bearer {key}"})
+    with urllib.request.urlopen(req, timeout=120) as r:
+        return json.load(r)["deployment"]
+with ThreadPoolExecutor(16) as pool:
+    answers = list(pool.map(ask, range(16)))
+print(len([a for a in answers if a == "gpt-35-turbo"]))
+PY
+check "every request of the burst is answered by the fallback" 16 "$(cat "$LOG.burst")"
+environments=$(grep -c 'spawning function instance' "$LOG" || true)
+check "several execution environments served the burst" yes "$( ((environments >= 2)) && echo yes || echo "$environments")"
+check "gpt-4o is still called once for the whole fleet" 1 "$(gpt4o_calls)"
+
+if ((failed > 0)); then
+  echo "--- cargo lambda watch log ---"; cat "$LOG"
+  echo "--- emulator log ---"; cat "$LOG.emulator"
+fi
+rm -f "$LOG" "$LOG.emulator" "$LOG.moto" "$LOG.burst"
+echo "$passed passed, $failed failed"
+((failed == 0))
