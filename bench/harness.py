@@ -74,6 +74,8 @@ S2_RATE = knob("BENCH_S2_RATE", 20.0)  # requests per second at most, one at a t
 S3_REQUESTS = knob("BENCH_S3_REQUESTS", 50, int)
 S3_SECONDS = knob("BENCH_S3_SECONDS", 20.0)
 COLD_RUNS = knob("BENCH_COLD_RUNS", 20, int)
+FLEET_ENVIRONMENTS = knob("BENCH_FLEET_ENVIRONMENTS", 16, int)
+FLEET_RATE = knob("BENCH_FLEET_RATE", 2.0)  # requests per second per environment
 SKIP_ARM64 = os.environ.get("BENCH_SKIP_ARM64", "") not in ("", "0")
 ONLY = {s for s in os.environ.get("BENCH_SYSTEMS", "").split(",") if s}
 
@@ -675,6 +677,28 @@ def scenario1(report):
             emulator.stop()
 
 
+def fleet(report):
+    """The fleet scenario: bench/fleet drives many in-process execution environments, once
+    learning alone and once sharing health through a DynamoDB table in moto's server, and
+    prints what happened (calls per Retry-After window, requests that waited for a timeout,
+    seconds to recover, the table's read latency)."""
+    port = free_port()
+    moto = Proc("moto", [VENV_BIN / "moto_server", "-H", "127.0.0.1", "-p", port])
+    try:
+        wait_until(lambda: http_status(f"http://127.0.0.1:{port}/") is not None, 60, moto, "moto")
+        log(f"  fleet: {FLEET_ENVIRONMENTS} environments, {FLEET_RATE:g} requests/s each, "
+            "local-only and shared side by side")
+        with open(LOGS / "fleet.log", "wb") as err:
+            done = subprocess.run([str(TARGET / "bench-fixture/fleet"), "--moto", f"http://127.0.0.1:{port}",
+                                   "--environments", str(FLEET_ENVIRONMENTS), "--rate", str(FLEET_RATE)],
+                                  stdout=subprocess.PIPE, stderr=err, timeout=900, cwd=ROOT)
+        if done.returncode != 0:
+            raise RuntimeError(f"bench/fleet exited {done.returncode} (see {rel(LOGS / 'fleet.log')})")
+        report["fleet"] = json.loads(done.stdout)
+    finally:
+        moto.stop()
+
+
 def keep_max(table, key, rss):
     if rss.get("max_kib") and (key not in table or rss["max_kib"] > table[key]["max_kib"]):
         table[key] = rss
@@ -854,7 +878,7 @@ def builds(report):
 
     def x86_64():
         build(report, "emulator", ["cargo", "build", "--profile", "bench-fixture", "-p",
-                                   "azure-openai-emulator"], env)
+                                   "azure-openai-emulator", "-p", "fleet"], env)
         build(report, "x86_64", ["cargo", "build", "--release", "-p", "fallback-chat", "-p", "hello",
                                  "-p", "inprocess", "--bins"], env)
         build(report, "fallback-chat-x86_64", ["cargo", "build", "--release", "--bin", "fallback-chat"],
@@ -941,7 +965,8 @@ def main():
               "knobs": {"S1_SECONDS": S1_SECONDS, "S1_REQUESTS": S1_REQUESTS, "S1_WARMUP": S1_WARMUP,
                         "S2_SECONDS": S2_SECONDS, "S2_FLOOR_SECONDS": S2_FLOOR_SECONDS,
                         "S2_RATE": S2_RATE, "S3_REQUESTS": S3_REQUESTS, "S3_SECONDS": S3_SECONDS,
-                        "COLD_RUNS": COLD_RUNS},
+                        "COLD_RUNS": COLD_RUNS, "FLEET_ENVIRONMENTS": FLEET_ENVIRONMENTS,
+                        "FLEET_RATE": FLEET_RATE},
               "systems": {s.key: {"name": s.name, "floor": s.floor, "note": s.note,
                                   "scenarios": list(s.scenarios), "alongside": list(s.alongside)}
                           for s in SYSTEMS},
@@ -977,6 +1002,7 @@ def main():
           "gpt-35-turbo", 100_000, S2_SECONDS, S2_FLOOR_SECONDS, S2_RATE, True)
     phase("scenario 3", scenario_errors, 3, {"gpt-4o": "503", "gpt-35-turbo": "503"},
           "gpt-4o", S3_REQUESTS, S3_SECONDS, S3_SECONDS, 0.0, False)
+    phase("fleet", fleet)
     sizes(report)
     # bench/run.sh passes when it started, so the total includes setting up its virtualenv.
     report["total_seconds"] = round(time.time() - float(os.environ.get("BENCH_STARTED") or 0)

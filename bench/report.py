@@ -163,6 +163,65 @@ def alongside_note(report, number):
             "processes over its row (for `cargo lambda watch`, cargo-lambda's and the function's).")
 
 
+def fleet_section(report, w):
+    f = report.get("fleet")
+    w("## Fleet: many execution environments, one memory")
+    w("")
+    if not f:
+        w(f"Not run: {report.get('phase_errors', {}).get('fleet', 'see bench/logs/fleet.log')}")
+        w("")
+        return
+    t, h, r = f["throttle"], f["hang"], f["table_reads"]
+    w(f"{f['environments']} execution environments of fallback-chat (`bench/fleet`: in-process "
+      "App instances, each with its own health table, as each Lambda execution environment has), "
+      f"{f['rate_per_environment']:g} requests a second each, spread evenly, the real handler fed "
+      "API Gateway events; the fleet warm (every environment has answered from gpt-4o) before the "
+      "fault starts. Once with each environment learning alone (no `HEALTH_TABLE`), once sharing "
+      "health through a DynamoDB table in moto's server on 127.0.0.1 (`HEALTH_TABLE`, default "
+      "settings but `HEALTH_TIMEOUT_MS=200` to give moto room), the two side by side, each against "
+      "an emulator of its own. Calls are counted by the emulator.")
+    w("")
+    w(f"**(a) gpt-4o answers 429 with `Retry-After: {t['retry_after_s']}` for {t['windows']} windows**: "
+      "calls to gpt-4o in each window, fleet-wide. The first window is the onset: an environment "
+      "that read the table just before the first 429 may still call gpt-4o once before its next "
+      "read (at most `HEALTH_REFRESH_MS`, 1 s, later). After that, one environment tries it when "
+      "the cooldown ends (it holds the table's lease) and the others wait for its word.")
+    w("")
+    n = t["windows"]
+    w("| | " + " | ".join(f"window {i + 1}{' (onset)' if i == 0 else ''}" for i in range(n)) + " | requests served |")
+    w("|---|" + "---|" * (n + 1))
+    for key, label in (("local", "each environment alone"), ("shared", "shared table")):
+        row = t[key]
+        w(f"| {label} | " + " | ".join(str(c) for c in row["calls_per_window"]) + f" | {row['requests']} |")
+    w("")
+    attempt_s = f["attempt_timeout_ms"] / 1000
+    w(f"**(b) gpt-4o hangs for {h['seconds']} s, then recovers**. A request that meets the hang "
+      f"waits a whole attempt timeout (`ATTEMPT_TIMEOUT_MS`, {attempt_s:g} s) before gpt-35-turbo "
+      "answers it; a probe of an open circuit waits a shorter one (a few times the deployment's "
+      "usual latency, at least 1 s). With the table, the fleet's failures open the circuit for "
+      "everyone, one environment probes, and probes that keep timing out back off (5, 10, 20 s "
+      "...), which is also why recovery can take longer than alone, where each environment "
+      "needed three timeouts of its own before it stopped calling.")
+    w("")
+    w(f"| | requests that waited {attempt_s:g} s | requests that waited a probe's timeout | calls to gpt-4o during the outage | seconds from recovery until gpt-4o answers again | requests served |")
+    w("|---|---|---|---|---|---|")
+    for key, label in (("local", "each environment alone"), ("shared", "shared table")):
+        row = h[key]
+        back = row.get("seconds_to_answer_again")
+        w(f"| {label} | {row['waited_attempt_timeout']} | {row['waited_probe_timeout']} | "
+          f"{row['gpt4o_calls_during_outage']} | {'–' if back is None else f'{back:g}'} | {row['requests']} |")
+    w("")
+    w(f"**(c) The table's reads**: the GetItem a request makes when its environment's knowledge is "
+      f"due for a refresh, {r['n']} in a row against moto: p50 {r['p50_ms']:.2f} ms, p99 "
+      f"{r['p99_ms']:.2f} ms. moto runs on loopback without TLS, so this is the client's and "
+      "moto's work only; moto is a Python server and slower than DynamoDB, which answers a "
+      "GetItem in single-digit milliseconds in-region (TLS connection kept open). At most one "
+      "read per `HEALTH_REFRESH_MS` (1 s) per environment, never longer than "
+      "`HEALTH_TIMEOUT_MS` (50 ms): at 2 requests a second per environment, about every other "
+      "request reads; at 20, one in twenty.")
+    w("")
+
+
 def write(report):
     has_chart = chart(report)
     m = report["machine"]
@@ -297,8 +356,9 @@ def write(report):
       "starts fresh against an emulator of its own. The figure is the time until the client has "
       "its error answer. The floor is one direct call to gpt-4o answered 503. fallback-chat opens "
       "a deployment's circuit after 3 consecutive failures (`CIRCUIT_FAILURES`) and then answers "
-      "503 without calling it until `CIRCUIT_OPEN_MS` (30 s) has passed, so once both circuits "
-      "are open it answers sooner than a single direct call: a ratio under 1.")
+      "503 without calling it until `CIRCUIT_OPEN_MS` (5 s) has passed, when one request probes "
+      "it, so once both circuits are open it answers sooner than a single direct call: a ratio "
+      "under 1.")
     w("")
     w("| System | requests | answers | p50 ms | p99 ms | p50 × floor | p99 × floor | upstream calls per request | gateway CPU s |")
     w("|---|---|---|---|---|---|---|---|---|")
@@ -310,6 +370,8 @@ def write(report):
     if note := alongside_note(report, 3):
         w(note)
         w("")
+
+    fleet_section(report, w)
 
     # Cold start, memory, size
     w("## Cold start, memory and size")
@@ -395,9 +457,10 @@ def write(report):
     w("```")
     w("")
     w("`bench/run.sh` creates `bench/.venv` from `bench/requirements.txt` (httpx, matplotlib, "
-      "cargo-lambda) and, in the background while the builds run, `bench/requirements-litellm.txt` "
+      "cargo-lambda, moto) and, in the background while the builds run, `bench/requirements-litellm.txt` "
       "(LiteLLM), everything pinned by `bench/constraints.txt`. It then builds, in release mode: "
-      "`cargo build --profile bench-fixture -p azure-openai-emulator` (release without LTO); "
+      "`cargo build --profile bench-fixture -p azure-openai-emulator -p fleet` (release without "
+      "LTO: the emulator and the fleet driver are fixtures); "
       "`cargo build --release -p fallback-chat -p hello -p inprocess --bins` (fallback-chat, the "
       "hello-world `bench/hello` and the in-process driver `bench/inprocess` in one run, with the "
       "same dependencies and profile); `cargo build --release --bin fallback-chat`, which finds "
@@ -405,6 +468,7 @@ def write(report):
       "--release --arm64`. Logs of every process are in `bench/logs/`. Knobs, as "
       "environment variables: `BENCH_S1_SECONDS`, `BENCH_S2_SECONDS`, `BENCH_S2_FLOOR_SECONDS`, "
       "`BENCH_S2_RATE`, `BENCH_S3_REQUESTS`, `BENCH_S3_SECONDS`, `BENCH_COLD_RUNS`, "
+      "`BENCH_FLEET_ENVIRONMENTS`, `BENCH_FLEET_RATE`, "
       "`BENCH_SKIP_ARM64=1`, `BENCH_SYSTEMS=direct,watch,...` (rows to run). Pieces alone:")
     w("")
     w("```sh")
