@@ -79,6 +79,7 @@ impl<C: Clock> App<C> {
             throttle_cooldown: config.throttle_cooldown,
             first_token_timeout: config.first_token_timeout,
             stream_idle_timeout: config.stream_idle_timeout,
+            continuations: config.stream_continuations,
             breaker: Breaker {
                 failures: config.circuit_failures,
                 open_for: config.circuit_open,

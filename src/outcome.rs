@@ -46,7 +46,7 @@ pub enum Failure {
         message: String,
     },
     /// The provider's safety system refused the prompt: never retried, never sent elsewhere.
-    ContentFiltered(ContentFilter),
+    ContentFiltered(Box<ContentFilter>),
     /// 400 context_length_exceeded: only a deployment with a larger window can help.
     ContextLengthExceeded { message: String },
     /// Any other 4xx: never resent to the same deployment.
@@ -70,13 +70,19 @@ pub enum Transient {
     FirstTokenTimeout,
 }
 
-/// A provider's reason for blocking a prompt or a completion.
-#[derive(Debug, Clone, Serialize)]
+/// A provider's reason for blocking a prompt or a completion, in any dialect: Azure's
+/// `content_filter` (with its `innererror`), OpenAI's `content_policy_violation`, or a completion
+/// that finished with `content_filter`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct ContentFilter {
     /// `prompt` or `completion`.
     pub target: &'static str,
     pub code: String,
     pub message: String,
+    /// The request parameter the provider named (`prompt` for Azure), if any.
+    pub param: Option<String>,
+    /// Azure's `innererror` as sent (`ResponsibleAIPolicyViolation` and its verdicts), if any.
+    pub innererror: Option<Value>,
     /// The categories that were filtered, e.g. `["hate"]`.
     pub filtered_categories: Vec<String>,
     /// The provider's per-category verdicts as sent.
@@ -119,6 +125,8 @@ impl Completion {
             code: "content_filter".into(),
             message: "The completion was filtered by Azure OpenAI's content management policy."
                 .into(),
+            param: None,
+            innererror: None,
             filtered_categories: filtered_categories(&result),
             content_filter_result: result,
         })

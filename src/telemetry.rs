@@ -33,6 +33,16 @@ pub fn install(namespace: &str) -> Result<&'static Collector, String> {
     );
     describe_histogram!("Latency", Unit::Milliseconds, "Call latency per deployment");
     describe_counter!(
+        "Interruptions",
+        Unit::Count,
+        "Streams of a deployment that broke after their first content"
+    );
+    describe_counter!(
+        "Continuations",
+        Unit::Count,
+        "Broken streams another deployment went on with, by the deployment that did"
+    );
+    describe_counter!(
         "HealthTable",
         Unit::Count,
         "Calls to the fleet's shared health table, by operation and outcome"
@@ -93,4 +103,15 @@ pub fn health_table(operation: &str, outcome: &str, ms: u64) {
     counter!("HealthTable", "Operation" => operation.to_owned(), "Outcome" => outcome.to_owned())
         .increment(1);
     histogram!("HealthTableLatency", "Operation" => operation.to_owned()).record(ms as f64);
+}
+
+/// `deployment`'s stream broke after its first content.
+pub fn interrupted(deployment: &str) {
+    counter!("Interruptions", "Deployment" => deployment.to_owned()).increment(1);
+}
+
+/// `to` went on with the answer `from`'s stream had begun.
+pub fn continued(from: &str, to: &str) {
+    counter!("Continuations", "Deployment" => to.to_owned(), "From" => from.to_owned())
+        .increment(1);
 }

@@ -5,9 +5,8 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{Behavior, Harness, RetryAfter, event};
+use common::{Behavior, Harness, RetryAfter, body, content, event, events};
 use fallback_chat::reply::Reply;
-use lambda_http::Response;
 use serde_json::{Value, json};
 
 fn chat(stream_usage: bool) -> Value {
@@ -20,32 +19,6 @@ fn chat(stream_usage: bool) -> Value {
         body["stream_options"] = json!({"include_usage": true});
     }
     body
-}
-
-/// The events of a finished stream: JSON payloads, plus "[DONE]" as a string.
-fn events(text: &str) -> Vec<Value> {
-    text.split("\n\n")
-        .filter_map(|block| block.strip_prefix("data: "))
-        .map(|data| {
-            if data == "[DONE]" {
-                Value::String(data.into())
-            } else {
-                serde_json::from_str(data)
-                    .unwrap_or_else(|e| panic!("relayed malformed JSON ({e}): {data}"))
-            }
-        })
-        .collect()
-}
-
-fn content(events: &[Value]) -> String {
-    events
-        .iter()
-        .filter_map(|e| e["choices"][0]["delta"]["content"].as_str())
-        .collect()
-}
-
-async fn body(response: Response<Reply>) -> String {
-    String::from_utf8(response.into_body().collect().await.to_vec()).unwrap()
 }
 
 #[tokio::test]
@@ -155,13 +128,13 @@ async fn any_failure_before_the_first_content_falls_over() {
 }
 
 #[tokio::test]
-async fn a_stream_cut_after_content_ends_with_an_error_and_no_done() {
+async fn with_continuation_off_a_stream_cut_after_content_ends_with_an_error_and_no_done() {
     let h = Harness::with(
         &[
             ("gpt-4o", Behavior::StreamCut { after: 3 }),
             ("gpt-35-turbo", Behavior::Healthy),
         ],
-        &[],
+        &[("STREAM_CONTINUATIONS", "0")],
     )
     .await;
     let response = h.open("/v1/chat/completions", &chat(false)).await;

@@ -33,6 +33,8 @@ pub const DEFAULT_HEALTH_REFRESH_MS: u64 = 1_000;
 pub const DEFAULT_HEALTH_TIMEOUT_MS: u64 = 50;
 pub const DEFAULT_FIRST_TOKEN_TIMEOUT_MS: u64 = 6_000;
 pub const DEFAULT_STREAM_IDLE_TIMEOUT_MS: u64 = 10_000;
+/// A second break of the same answer is rare; a third, a sign to stop trying.
+pub const DEFAULT_STREAM_CONTINUATIONS: u32 = 2;
 /// Lambda's own request payload limit is 6 MB; a chat request is far smaller.
 pub const DEFAULT_MAX_BODY_BYTES: usize = 1024 * 1024;
 
@@ -57,6 +59,9 @@ pub struct Config {
     pub first_token_timeout: Duration,
     /// A stream that sends nothing this long once it has started is cut.
     pub stream_idle_timeout: Duration,
+    /// How many times, at most, a stream cut after its first content is continued on another
+    /// deployment (0: never).
+    pub stream_continuations: u32,
     /// Largest accepted request body on the OpenAI-compatible routes.
     pub max_body_bytes: usize,
     /// Run under Lambda response streaming (a Function URL with InvokeMode RESPONSE_STREAM)
@@ -190,6 +195,19 @@ impl Config {
             DEFAULT_STREAM_IDLE_TIMEOUT_MS,
         )?;
         let max_body_bytes = count(&get, "MAX_BODY_BYTES", DEFAULT_MAX_BODY_BYTES)?;
+        let stream_continuations = match get("STREAM_CONTINUATIONS") {
+            None => DEFAULT_STREAM_CONTINUATIONS,
+            Some(v) => v
+                .parse::<u32>()
+                .ok()
+                .filter(|n| *n <= 10)
+                .ok_or_else(|| ConfigError::Invalid {
+                    var: "STREAM_CONTINUATIONS",
+                    reason: format!(
+                        "expected how many times a cut stream may be continued, 0 (never) to 10, got {v:?}"
+                    ),
+                })?,
+        };
         let client_keys = get("CLIENT_API_KEYS").map(Secret::new);
         let auth_in_front = match get("AUTH_PROVIDED_BY").as_deref() {
             None => None,
@@ -245,6 +263,7 @@ impl Config {
             circuit_max_open,
             first_token_timeout,
             stream_idle_timeout,
+            stream_continuations,
             max_body_bytes,
             response_streaming,
             client_keys,
@@ -423,6 +442,8 @@ mod tests {
             ("HEALTH_TABLE", "arn:aws:s3:::bucket"),
             ("HEALTH_REFRESH_MS", "0"),
             ("CIRCUIT_MAX_OPEN_MS", "1000"),
+            ("STREAM_CONTINUATIONS", "-1"),
+            ("STREAM_CONTINUATIONS", "many"),
         ] {
             let mut vars = BASE.to_vec();
             vars.push((var, value));

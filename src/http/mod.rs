@@ -19,6 +19,7 @@ use serde_json::json;
 
 use crate::clock::Clock;
 use crate::reply::Reply;
+use crate::routing::Delivery;
 use crate::telemetry;
 
 use respond::{json_response, path};
@@ -58,13 +59,17 @@ impl<C: Clock> App<C> {
     /// Answers one HTTP request, streaming when the caller asked for a stream. Never fails:
     /// every problem becomes a JSON error response.
     pub async fn handle(self: &Arc<Self>, request: Request) -> Response<Reply> {
-        let response = self.serve(request).await;
+        self.answer(request, Delivery::Streamed).await
+    }
+
+    async fn answer(self: &Arc<Self>, request: Request, delivery: Delivery) -> Response<Reply> {
+        let response = self.serve(request, delivery).await;
         // What the request recorded; a stream still running flushes its own when it ends.
         telemetry::flush(self.metrics);
         response
     }
 
-    async fn serve(self: &Arc<Self>, request: Request) -> Response<Reply> {
+    async fn serve(self: &Arc<Self>, request: Request, delivery: Delivery) -> Response<Reply> {
         let path = path(&request).to_owned();
         let endpoint = endpoint(&path);
         if let Err(refusal) = self.keys.check(request.headers()) {
@@ -82,8 +87,10 @@ impl<C: Clock> App<C> {
             return response;
         }
         match endpoint {
-            Endpoint::OpenAi => self.chat_completions(&request, None).await,
-            Endpoint::Azure { route } => self.chat_completions(&request, Some(route)).await,
+            Endpoint::OpenAi => self.chat_completions(&request, None, delivery).await,
+            Endpoint::Azure { route } => {
+                self.chat_completions(&request, Some(route), delivery).await
+            }
             Endpoint::Ask => self.ask(&request).await,
             Endpoint::Unknown => self.not_found(&request),
         }
@@ -92,7 +99,7 @@ impl<C: Clock> App<C> {
     /// [`App::handle`] with the whole body at once, as API Gateway, ALB and buffered Function
     /// URLs need it; a requested stream is sent complete, as `text/event-stream`.
     pub async fn handle_buffered(self: &Arc<Self>, request: Request) -> Response<Body> {
-        let (parts, reply) = self.handle(request).await.into_parts();
+        let (parts, reply) = self.answer(request, Delivery::Buffered).await.into_parts();
         let bytes = reply.collect().await;
         let body = match String::from_utf8(bytes.to_vec()) {
             Ok(text) => Body::Text(text),

@@ -3,19 +3,20 @@
 //! untouched; `model` (or the path) picks the route; errors are OpenAI-style error objects.
 
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use lambda_http::http::{HeaderValue, Method, StatusCode, header};
 use lambda_http::{Request, Response};
 use serde_json::{Map, Value, json};
-use tokio::sync::mpsc;
+use tracing::Instrument;
+use tracing::instrument::WithSubscriber;
 
 use crate::attempt::{Answer, Exhausted};
 use crate::clock::Clock;
 use crate::outcome::{ChatBody, Completion};
 use crate::pool::Route;
 use crate::reply::Reply;
-use crate::routing::RouteError;
+use crate::routing::{Delivery, RouteError, Streamed};
 
 use super::app::App;
 use super::auth::Refusal;
@@ -29,7 +30,7 @@ pub struct ApiError {
     message: String,
     kind: &'static str,
     code: Option<String>,
-    param: Option<&'static str>,
+    param: Option<String>,
     /// Further fields inside `error` (Azure's filter verdicts, the attempts of a 503).
     extra: Map<String, Value>,
     retry_after: Option<u64>,
@@ -52,7 +53,7 @@ impl ApiError {
 
     fn invalid(message: impl Into<String>, param: Option<&'static str>, code: &str) -> Box<Self> {
         let mut e = Self::new(StatusCode::BAD_REQUEST, "invalid_request_error", message);
-        e.param = param;
+        e.param = param.map(str::to_owned);
         e.code = Some(code.to_owned());
         e
     }
@@ -83,17 +84,20 @@ impl ApiError {
 impl From<&RouteError> for Box<ApiError> {
     fn from(error: &RouteError) -> Self {
         match error {
+            // The provider's refusal, in its own words: code, param and Azure's `innererror`.
             RouteError::ContentFiltered {
                 deployment, filter, ..
             } => {
-                let mut e = ApiError::invalid(filter.message.clone(), Some("prompt"), &filter.code);
-                e.extra.insert(
-                    "innererror".into(),
-                    json!({
-                        "code": "ResponsibleAIPolicyViolation",
-                        "content_filter_result": filter.content_filter_result,
-                    }),
+                let mut e = ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_request_error",
+                    filter.message.clone(),
                 );
+                e.code = Some(filter.code.clone());
+                e.param = filter.param.clone();
+                if let Some(inner) = &filter.innererror {
+                    e.extra.insert("innererror".into(), inner.clone());
+                }
                 e.extra
                     .insert("deployment".into(), Value::String(deployment.clone()));
                 e
@@ -151,6 +155,7 @@ impl<C: Clock> App<C> {
         self: &Arc<Self>,
         request: &Request,
         path_route: Option<&str>,
+        delivery: Delivery,
     ) -> Response<Reply> {
         let clock = self.engine.clock();
         let started = clock.now();
@@ -166,9 +171,9 @@ impl<C: Clock> App<C> {
         let stream = body.get("stream") == Some(&Value::Bool(true));
         let result = if stream {
             self.engine
-                .stream(route, &body, deadline)
+                .stream(route, &body, deadline, delivery)
                 .await
-                .map(streamed)
+                .map(|answer| self.streamed(answer, started))
         } else {
             self.engine
                 .complete(route, &body, deadline)
@@ -177,12 +182,7 @@ impl<C: Clock> App<C> {
         };
         let latency = clock.now() - started;
         match result {
-            Ok((response, summary)) => {
-                summary
-                    .streamed(stream)
-                    .log(response.status().as_u16(), latency);
-                response
-            }
+            Ok(response) => response,
             Err(error) => {
                 let api_error = Box::<ApiError>::from(&error);
                 Summary::unanswered(&error, api_error.message.clone())
@@ -270,15 +270,15 @@ impl<C: Clock> App<C> {
                     known.join(", ")
                 ),
             );
-            e.param = Some("model");
+            e.param = Some("model".into());
             e.code = Some("model_not_found".into());
             e
         })
     }
 }
 
-/// A whole completion, passed through exactly as the deployment sent it.
-fn whole(answer: Answer<Completion>) -> (Response<Reply>, Summary) {
+/// A whole completion, passed through exactly as the deployment sent it; its summary logged.
+fn whole(answer: Answer<Completion>) -> Response<Reply> {
     let mut response = Response::new(Reply::full(answer.output.raw.clone()));
     response.headers_mut().insert(
         header::CONTENT_TYPE,
@@ -286,22 +286,33 @@ fn whole(answer: Answer<Completion>) -> (Response<Reply>, Summary) {
     );
     fallback_headers(&mut response, &answer.deployment, answer.calls());
     let tokens = answer.output.total_tokens();
-    (response, Summary::answered(&answer, tokens))
+    Summary::answered(&answer, tokens).log(200, Duration::ZERO);
+    response
 }
 
-/// A stream, relayed as the deployment produces it.
-fn streamed(answer: Answer<mpsc::Receiver<Bytes>>) -> (Response<Reply>, Summary) {
-    let summary = Summary::answered(&answer, None);
-    let calls = answer.calls();
-    let mut response = Response::new(Reply::stream(answer.output));
-    let headers = response.headers_mut();
-    headers.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/event-stream"),
-    );
-    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
-    fallback_headers(&mut response, &answer.deployment, calls);
-    (response, summary)
+impl<C: Clock> App<C> {
+    /// A stream, relayed as the deployment produces it; its summary is logged when it has ended
+    /// (`started` is when the request came), naming every deployment that produced it.
+    fn streamed(&self, answer: Answer<Streamed>, started: Instant) -> Response<Reply> {
+        let summary = Summary::answered(&answer, None).streamed(true);
+        let calls = answer.calls();
+        let Streamed { frames, report } = answer.output;
+        let clock = self.engine.clock().clone();
+        let log = async move {
+            let report = report.await.ok();
+            summary.ended(report).log(200, clock.now() - started);
+        };
+        tokio::spawn(log.in_current_span().with_current_subscriber());
+        let mut response = Response::new(Reply::stream(frames));
+        let headers = response.headers_mut();
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/event-stream"),
+        );
+        headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+        fallback_headers(&mut response, &answer.deployment, calls);
+        response
+    }
 }
 
 fn check_messages(body: &ChatBody) -> Result<(), Box<ApiError>> {

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use crate::attempt::{Answer, Attempt, calls};
 use crate::clock::millis;
-use crate::routing::RouteError;
+use crate::routing::{RouteError, StreamReport};
 
 pub(super) struct Summary {
     route: String,
@@ -15,6 +15,10 @@ pub(super) struct Summary {
     tokens: Option<u64>,
     stream: bool,
     error: Option<String>,
+    /// The deployments that went on with a stream another began.
+    continued_on: Vec<String>,
+    /// How a stream ended.
+    ending: Option<&'static str>,
 }
 
 impl Summary {
@@ -27,6 +31,8 @@ impl Summary {
             tokens,
             stream: false,
             error: None,
+            continued_on: Vec::new(),
+            ending: None,
         }
     }
 
@@ -45,6 +51,8 @@ impl Summary {
             tokens: None,
             stream: false,
             error: Some(message),
+            continued_on: Vec::new(),
+            ending: None,
         }
     }
 
@@ -57,11 +65,29 @@ impl Summary {
             tokens: None,
             stream: false,
             error: Some(message),
+            continued_on: Vec::new(),
+            ending: None,
         }
     }
 
     pub fn streamed(mut self, stream: bool) -> Self {
         self.stream = stream;
+        self
+    }
+
+    /// How the stream ended (`None`: the relay stopped without saying).
+    pub fn ended(mut self, report: Option<StreamReport>) -> Self {
+        let Some(report) = report else {
+            self.ending = Some("unknown");
+            return self;
+        };
+        self.ending = Some(report.ending);
+        self.tokens = report.tokens;
+        self.attempts.extend(report.attempts);
+        self.continued_on = report.deployments.into_iter().skip(1).collect();
+        if report.ending != "done" {
+            self.error = Some(format!("the stream ended: {}", report.ending));
+        }
         self
     }
 
@@ -81,6 +107,8 @@ impl Summary {
             latency_ms = millis(latency),
             total_tokens = self.tokens,
             stream = self.stream,
+            continued_on = (!self.continued_on.is_empty()).then(|| self.continued_on.join(" ")),
+            ending = self.ending,
             error = self.error.as_deref(),
             "request"
         );

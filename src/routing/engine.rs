@@ -28,6 +28,9 @@ pub struct Settings {
     pub first_token_timeout: Duration,
     /// A stream that sends nothing this long once it has started is cut.
     pub stream_idle_timeout: Duration,
+    /// How many times, at most, a stream cut after its first content is continued on another
+    /// deployment (0: never; the stream ends with an honest error instead).
+    pub continuations: u32,
     pub breaker: Breaker,
     /// While probes keep timing out, each opening doubles up to this.
     pub max_open: Duration,
@@ -134,7 +137,7 @@ impl<C: Clock> Engine<C> {
     ) -> Result<Answer<Completion>, RouteError> {
         let mut writes = Writes::default();
         let result = self
-            .failover(route, deadline, &mut writes, |index, timeout| {
+            .failover(route, deadline, &[], &mut writes, |index, timeout| {
                 self.upstream.chat(&self.clock, index, body, timeout)
             })
             .await;

@@ -51,11 +51,13 @@ impl<C: Clock> Engine<C> {
     /// The loop every request runs: choose a deployment, let `call` try it (once, or twice
     /// after a single 500 or reset) with what is left of the time before `deadline`, and go on
     /// according to the outcome until one answers or none is left. `call` gets the deployment's
-    /// index and the time its call may take. What the calls teach the fleet goes to `writes`.
+    /// index and the time its call may take. What the calls teach the fleet goes to `writes`;
+    /// the deployments in `exclude` are not tried.
     pub(super) async fn failover<T, F, Fut>(
         &self,
         route: &Route,
         deadline: Instant,
+        exclude: &[usize],
         writes: &mut Writes,
         call: F,
     ) -> Result<(usize, Answer<T>), RouteError>
@@ -65,7 +67,7 @@ impl<C: Clock> Engine<C> {
     {
         let pool = &self.pool.deployments;
         let mut tried = Tried {
-            called: vec![false; pool.len()],
+            called: (0..pool.len()).map(|i| exclude.contains(&i)).collect(),
             needs_window_over: None,
         };
         let mut attempts = Vec::new();
@@ -115,7 +117,7 @@ impl<C: Clock> Engine<C> {
                     return Err(RouteError::ContentFiltered {
                         route: route.name.clone(),
                         deployment: self.id(index).to_owned(),
-                        filter,
+                        filter: *filter,
                         attempts,
                     });
                 }

@@ -6,6 +6,9 @@ mod engine;
 mod failover;
 mod fleet;
 mod link;
+mod relay;
+mod splice;
 mod stream;
 
 pub use engine::{Engine, RouteError, Settings};
+pub use relay::{Delivery, StreamReport, Streamed};

@@ -4,14 +4,14 @@
 
 use std::pin::Pin;
 
-use bytes::Bytes;
 use eventsource_stream::{Event, EventStreamError, Eventsource};
 use futures_util::{Stream, StreamExt};
 use reqwest::Response;
 use serde_json::Value;
 
-use crate::outcome::{Failure, Transient};
-use crate::sse;
+use crate::outcome::{ContentFilter, Failure, Transient};
+
+use super::wire::refusal;
 
 type Events = Pin<Box<dyn Stream<Item = Result<Event, EventStreamError<reqwest::Error>>> + Send>>;
 
@@ -19,20 +19,38 @@ type Events = Pin<Box<dyn Stream<Item = Result<Event, EventStreamError<reqwest::
 pub struct EventStream(Events);
 
 /// What one upstream event is to the caller.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum StreamEvent {
     Done,
     /// Malformed, or one of Azure's own events (empty first event with prompt_filter_results,
     /// asynchronous filter results with `"id":""`) that OpenAI clients do not expect.
     Skip,
-    /// The deployment's own error event: its JSON, to pass on.
-    Error(String),
-    /// A chunk to relay as it is: its JSON, whether it carries content, whether it finishes.
-    Chunk {
+    /// The deployment's safety system stopped the answer: its error event, to pass on as sent.
+    Refused {
         data: String,
-        content: bool,
-        finish: bool,
+        filter: ContentFilter,
     },
+    /// Another error event: the deployment stopped for its own reasons (its JSON).
+    Error(String),
+    Chunk(Chunk),
+}
+
+/// A chunk of the answer, to relay.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Chunk {
+    /// Its JSON, as sent.
+    pub data: String,
+    /// The text it adds to the answer (the first choice's `delta.content`).
+    pub text: String,
+    /// It carries content: text, a refusal, a tool call.
+    pub content: bool,
+    /// Its `finish_reason`, when it has one.
+    pub finish: Option<String>,
+    /// It carries what a continuation cannot take over: a tool call, a refusal, several choices,
+    /// log probabilities.
+    pub opaque: bool,
+    /// Its `usage` object, when it has one.
+    pub usage: Option<Value>,
 }
 
 /// What reading the next event came to.
@@ -59,15 +77,11 @@ impl EventStream {
     }
 }
 
-/// A deployment's stream that has produced content and is ready to be relayed.
+/// A deployment's stream that has produced content (or finished), ready to be relayed.
 pub struct Opened {
     pub events: EventStream,
-    /// Frames already read (the role chunk, the first content) to send before the rest.
-    pub head: Vec<Bytes>,
-    /// A `finish_reason` was seen: the answer is complete even if `[DONE]` never comes.
-    pub finished: bool,
-    /// `[DONE]` was seen: nothing more to read.
-    pub done: bool,
+    /// The events read so far, worth relaying: chunks up to the first content, or `[DONE]`.
+    pub head: Vec<StreamEvent>,
 }
 
 /// Tells one event's data apart.
@@ -75,73 +89,90 @@ pub fn classify(data: &str) -> StreamEvent {
     if data.trim() == "[DONE]" {
         return StreamEvent::Done;
     }
-    let Ok(Value::Object(event)) = serde_json::from_str::<Value>(data) else {
+    let Ok(value @ Value::Object(_)) = serde_json::from_str::<Value>(data) else {
         return StreamEvent::Skip;
     };
-    if event.contains_key("error") {
-        return StreamEvent::Error(data.to_owned());
+    if value.get("error").is_some() {
+        return match refusal(&value) {
+            Some(filter) => StreamEvent::Refused {
+                data: data.to_owned(),
+                filter,
+            },
+            None => StreamEvent::Error(data.to_owned()),
+        };
     }
-    let choices = event.get("choices").and_then(Value::as_array);
-    let has_usage = event.get("usage").is_some_and(|u| !u.is_null());
-    if event.get("id").and_then(Value::as_str) == Some("") && !has_usage {
+    let usage = value.get("usage").filter(|u| !u.is_null()).cloned();
+    if value.get("id").and_then(Value::as_str) == Some("") && usage.is_none() {
         return StreamEvent::Skip;
     }
-    let (content, finish) = match choices {
-        Some(choices) if !choices.is_empty() => (
-            choices.iter().any(|c| {
-                let delta = &c["delta"];
-                delta["content"].as_str().is_some_and(|s| !s.is_empty())
-                    || delta["refusal"].as_str().is_some_and(|s| !s.is_empty())
-                    || !delta["tool_calls"].is_null()
-                    || !delta["function_call"].is_null()
-            }),
-            choices.iter().any(|c| !c["finish_reason"].is_null()),
-        ),
-        _ if has_usage => (false, false),
+    let choices = value.get("choices").and_then(Value::as_array);
+    let (text, content, finish, opaque) = match choices {
+        Some(choices) if !choices.is_empty() => {
+            let delta = |c: &Value, field: &str| !c["delta"][field].is_null();
+            let text = choices[0]["delta"]["content"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned();
+            let tools = choices.iter().any(|c| {
+                delta(c, "tool_calls")
+                    || delta(c, "function_call")
+                    || c["delta"]["refusal"]
+                        .as_str()
+                        .is_some_and(|s| !s.is_empty())
+            });
+            let content = tools
+                || choices.iter().any(|c| {
+                    c["delta"]["content"]
+                        .as_str()
+                        .is_some_and(|s| !s.is_empty())
+                });
+            let finish = choices
+                .iter()
+                .find_map(|c| c["finish_reason"].as_str())
+                .map(str::to_owned);
+            let opaque = tools
+                || choices.len() > 1
+                || choices.iter().any(|c| c["index"].as_u64().unwrap_or(0) > 0)
+                || choices.iter().any(|c| !c["logprobs"].is_null());
+            (text, content, finish, opaque)
+        }
+        _ if usage.is_some() => (String::new(), false, None, false),
         _ => return StreamEvent::Skip,
     };
-    StreamEvent::Chunk {
+    StreamEvent::Chunk(Chunk {
         data: data.to_owned(),
+        text,
         content,
         finish,
-    }
+        opaque,
+        usage,
+    })
 }
 
 /// Reads a fresh 2xx stream up to its first content (or its end, if it has none), keeping the
-/// frames worth relaying. A stream that ends or errs before then is a failure of this attempt;
-/// the caller bounds how long this may take.
+/// events worth relaying. A stream that ends or errs before then is a failure of this attempt,
+/// and a refusal is the deployment's answer; the caller bounds how long this may take.
 pub(super) async fn first_content(mut events: EventStream) -> Result<Opened, Failure> {
     let mut head = Vec::new();
     loop {
-        let (finished, done) = match events.next().await {
+        let event = match events.next().await {
             Next::End | Next::Broken => return Err(Failure::Transient(Transient::Reset)),
-            Next::Event(StreamEvent::Skip) => continue,
-            Next::Event(StreamEvent::Error(_)) => {
-                return Err(Failure::Transient(Transient::BadResponse));
-            }
-            // A complete answer with no content at all is still a complete answer.
-            Next::Event(StreamEvent::Done) => {
-                head.push(sse::done());
-                (true, true)
-            }
-            Next::Event(StreamEvent::Chunk {
-                data,
-                content,
-                finish,
-            }) => {
-                head.push(sse::event(&data));
-                if !(content || finish) {
-                    continue;
-                }
-                (finish, false)
-            }
+            Next::Event(event) => event,
         };
-        return Ok(Opened {
-            events,
-            head,
-            finished,
-            done,
-        });
+        let opened = match &event {
+            StreamEvent::Skip => continue,
+            StreamEvent::Refused { filter, .. } => {
+                return Err(Failure::ContentFiltered(Box::new(filter.clone())));
+            }
+            StreamEvent::Error(_) => return Err(Failure::Transient(Transient::BadResponse)),
+            // A complete answer with no content at all is still a complete answer.
+            StreamEvent::Done => true,
+            StreamEvent::Chunk(chunk) => chunk.content || chunk.finish.is_some(),
+        };
+        head.push(event);
+        if opened {
+            return Ok(Opened { events, head });
+        }
     }
 }
 
@@ -149,11 +180,10 @@ pub(super) async fn first_content(mut events: EventStream) -> Result<Opened, Fai
 mod tests {
     use super::*;
 
-    fn chunk(data: &str, content: bool, finish: bool) -> StreamEvent {
-        StreamEvent::Chunk {
-            data: data.to_owned(),
-            content,
-            finish,
+    fn chunk(event: StreamEvent) -> Chunk {
+        match event {
+            StreamEvent::Chunk(chunk) => chunk,
+            other => panic!("not a chunk: {other:?}"),
         }
     }
 
@@ -177,17 +207,32 @@ mod tests {
             StreamEvent::Skip,
             "Azure's asynchronous filter event"
         );
-        let role = r#"{"id":"c1","choices":[{"delta":{"role":"assistant","content":""},"finish_reason":null}]}"#;
-        assert_eq!(classify(role), chunk(role, false, false));
-        let hi = r#"{"id":"c1","choices":[{"delta":{"content":"Hi"},"finish_reason":null}]}"#;
-        assert_eq!(classify(hi), chunk(hi, true, false));
-        let tool = r#"{"id":"c1","choices":[{"delta":{"tool_calls":[{"index":0}]},"finish_reason":null}]}"#;
-        assert_eq!(classify(tool), chunk(tool, true, false));
-        let stop = r#"{"id":"c1","choices":[{"delta":{},"finish_reason":"stop"}]}"#;
-        assert_eq!(classify(stop), chunk(stop, false, true));
-        let usage = r#"{"id":"c1","choices":[],"usage":{"total_tokens":3}}"#;
-        assert_eq!(classify(usage), chunk(usage, false, false));
+        let role = chunk(classify(
+            r#"{"id":"c1","choices":[{"delta":{"role":"assistant","content":""},"finish_reason":null}]}"#,
+        ));
+        assert!(!role.content && role.finish.is_none() && role.text.is_empty());
+        let hi = chunk(classify(
+            r#"{"id":"c1","choices":[{"delta":{"content":"Hi"},"finish_reason":null}]}"#,
+        ));
+        assert!(hi.content && !hi.opaque);
+        assert_eq!(hi.text, "Hi");
+        let tool = chunk(classify(
+            r#"{"id":"c1","choices":[{"delta":{"tool_calls":[{"index":0}]},"finish_reason":null}]}"#,
+        ));
+        assert!(tool.content && tool.opaque && tool.text.is_empty());
+        let stop = chunk(classify(
+            r#"{"id":"c1","choices":[{"delta":{},"finish_reason":"stop"}]}"#,
+        ));
+        assert_eq!(stop.finish.as_deref(), Some("stop"));
+        let usage = chunk(classify(
+            r#"{"id":"c1","choices":[],"usage":{"total_tokens":3}}"#,
+        ));
+        assert_eq!(usage.usage, Some(serde_json::json!({"total_tokens": 3})));
         let error = r#"{"error":{"message":"boom"}}"#;
         assert_eq!(classify(error), StreamEvent::Error(error.to_owned()));
+        assert!(matches!(
+            classify(r#"{"error":{"message":"no","code":"content_filter"}}"#),
+            StreamEvent::Refused { filter, .. } if filter.code == "content_filter"
+        ));
     }
 }

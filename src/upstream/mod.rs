@@ -15,7 +15,7 @@ use crate::clock::Clock;
 use crate::outcome::{Called, ChatBody, Completion, Failure, Quota, Transient};
 use crate::pool::{ApiStyle, Pool};
 
-pub use events::{EventStream, Next, Opened, StreamEvent};
+pub use events::{Chunk, EventStream, Next, Opened, StreamEvent};
 use wire::{classify, quota};
 
 /// Where and how to call one deployment, prepared once at cold start.
@@ -128,9 +128,9 @@ impl Upstream {
             .unwrap_or_else(|| Called::failed(Failure::Transient(Transient::Timeout)))
     }
 
-    /// One streaming call to deployment `index`, read up to its first content: headers within
-    /// `timeout`, then content within `first_token` of the call's start. The rest of the
-    /// stream is left to the caller, which bounds it event by event.
+    /// One streaming call to deployment `index`, read up to its first content, which must come
+    /// (headers included) within `first_token` of the call's start; an error answer within
+    /// `timeout`. The rest of the stream is left to the caller, which bounds it event by event.
     pub async fn open_stream(
         &self,
         clock: &impl Clock,
@@ -143,8 +143,10 @@ impl Upstream {
             return Called::failed(Failure::Transient(Transient::Connect));
         };
         let started = clock.now();
-        let response = match clock.timeout(timeout, request.send()).await {
-            None => return Called::failed(Failure::Transient(Transient::Timeout)),
+        // No content this long after the request, headers included, is a failed attempt.
+        let first_token = first_token.min(timeout);
+        let response = match clock.timeout(first_token, request.send()).await {
+            None => return Called::failed(Failure::Transient(Transient::FirstTokenTimeout)),
             Some(Err(e)) => return Called::failed(Failure::Transient(transport_failure(&e))),
             Some(Ok(response)) => response,
         };
@@ -168,9 +170,7 @@ impl Upstream {
         }
         let quota = quota(response.headers());
         // The first-token limit counts from the start of the call.
-        let left = first_token
-            .min(timeout)
-            .saturating_sub(clock.now() - started);
+        let left = first_token.saturating_sub(clock.now() - started);
         let result = clock
             .timeout(left, events::first_content(EventStream::new(response)))
             .await

@@ -14,6 +14,15 @@ use crate::outcome::{Completion, ContentFilter, Failure, Quota, Transient, filte
 /// A Retry-After longer than this is treated as this: guards against absurd values only.
 const MAX_RETRY_AFTER: Duration = Duration::from_secs(24 * 60 * 60);
 
+/// The refusal an error object (`{"error": {...}}`, as a stream's error event carries it) is, if
+/// it is one.
+pub fn refusal(event: &Value) -> Option<ContentFilter> {
+    serde_json::from_value::<ErrorEnvelope>(event.clone())
+        .ok()?
+        .error
+        .refusal()
+}
+
 /// Turns a complete HTTP answer into a [`Completion`] or the reason there is none.
 pub fn classify(
     status: StatusCode,
@@ -30,6 +39,11 @@ pub fn classify(
     let error = serde_json::from_slice::<ErrorEnvelope>(&body)
         .map(|e| e.error)
         .unwrap_or_default();
+    if (400..500).contains(&status.as_u16())
+        && let Some(filter) = error.refusal()
+    {
+        return Err(Failure::ContentFiltered(Box::new(filter)));
+    }
     let code = error.code_string();
     let message = error.message.clone().unwrap_or_default();
     Err(match status.as_u16() {
@@ -42,19 +56,6 @@ pub fn classify(
             code,
             message,
         },
-        400 if code == "content_filter" => {
-            let result = error
-                .innererror
-                .and_then(|i| i.content_filter_result)
-                .unwrap_or(Value::Null);
-            Failure::ContentFiltered(ContentFilter {
-                target: "prompt",
-                filtered_categories: filtered_categories(&result),
-                content_filter_result: result,
-                code,
-                message,
-            })
-        }
         400 if code == "context_length_exceeded" => Failure::ContextLengthExceeded { message },
         s => Failure::Rejected {
             status: s,
@@ -143,10 +144,43 @@ struct WireError {
     #[serde(default)]
     code: Value,
     message: Option<String>,
-    innererror: Option<InnerError>,
+    param: Option<String>,
+    innererror: Option<Value>,
 }
 
+/// A provider's safety system refused the prompt: Azure's `content_filter` (and any error whose
+/// `innererror` says `ResponsibleAIPolicyViolation`) or OpenAI's `content_policy_violation`.
+const REFUSALS: [&str; 2] = ["content_filter", "content_policy_violation"];
+
 impl WireError {
+    /// The refusal this error is, if it is one.
+    fn refusal(&self) -> Option<ContentFilter> {
+        let code = self.code_string();
+        let inner = self.innererror.as_ref();
+        let policy = inner.and_then(|i| i.get("code")).and_then(Value::as_str)
+            == Some("ResponsibleAIPolicyViolation");
+        if !(REFUSALS.contains(&code.as_str()) || policy) {
+            return None;
+        }
+        let result = inner
+            .and_then(|i| i.get("content_filter_result"))
+            .cloned()
+            .unwrap_or(Value::Null);
+        Some(ContentFilter {
+            target: "prompt",
+            filtered_categories: filtered_categories(&result),
+            content_filter_result: result,
+            code: if code.is_empty() {
+                "content_filter".into()
+            } else {
+                code
+            },
+            message: self.message.clone().unwrap_or_default(),
+            param: self.param.clone(),
+            innererror: self.innererror.clone(),
+        })
+    }
+
     fn code_string(&self) -> String {
         match &self.code {
             Value::String(s) => s.clone(),
@@ -154,11 +188,6 @@ impl WireError {
             other => other.to_string(),
         }
     }
-}
-
-#[derive(Deserialize, Default, Clone)]
-struct InnerError {
-    content_filter_result: Option<Value>,
 }
 
 #[derive(Deserialize)]
@@ -370,5 +399,42 @@ mod tests {
             outcome,
             Failure::Transient(Transient::BadResponse)
         ));
+    }
+
+    #[test]
+    fn a_refusal_is_recognised_in_every_dialect() {
+        let c = |body: &str| {
+            classify(
+                StatusCode::BAD_REQUEST,
+                &HeaderMap::new(),
+                Bytes::copy_from_slice(body.as_bytes()),
+                now(),
+            )
+            .unwrap_err()
+        };
+        let openai = c(
+            r#"{"error":{"message":"Your request was rejected as a result of our safety system.","type":"invalid_request_error","param":null,"code":"content_policy_violation"}}"#,
+        );
+        match openai {
+            Failure::ContentFiltered(f) => {
+                assert_eq!(f.code, "content_policy_violation");
+                assert!(f.message.contains("safety system"));
+                assert!(f.innererror.is_none() && f.param.is_none());
+            }
+            other => panic!("{other:?}"),
+        }
+        // Azure's verdict under another code still says what it is.
+        let nested = c(
+            r#"{"error":{"message":"filtered","code":"invalid_prompt","innererror":{"code":"ResponsibleAIPolicyViolation","content_filter_result":{"jailbreak":{"filtered":true,"detected":true}}}}}"#,
+        );
+        assert!(
+            matches!(&nested, Failure::ContentFiltered(f) if f.filtered_categories == ["jailbreak"]),
+            "{nested:?}"
+        );
+        assert!(matches!(
+            refusal(&serde_json::json!({"error": {"code": "content_filter", "message": "m"}})),
+            Some(f) if f.code == "content_filter"
+        ));
+        assert!(refusal(&serde_json::json!({"error": {"code": "server_error"}})).is_none());
     }
 }

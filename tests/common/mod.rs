@@ -140,6 +140,8 @@ impl Harness {
     ) -> lambda_http::Response<fallback_chat::reply::Reply> {
         let request = lambda_http::request::from_str(&http_api_post(path, &body.to_string()))
             .expect("a Lambda HTTP event");
+        // The relay runs on after this returns; it keeps the subscriber it started with.
+        let _logs = tracing::subscriber::set_default(self.logs.subscriber());
         self.app.handle(request).await
     }
 
@@ -357,4 +359,32 @@ impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Logs {
 pub fn event(path: &str) -> String {
     let full = format!("{}/events/{path}", env!("CARGO_MANIFEST_DIR"));
     std::fs::read_to_string(&full).unwrap_or_else(|e| panic!("{full}: {e}"))
+}
+
+/// The events of a finished stream: JSON payloads, plus "[DONE]" as a string.
+pub fn events(text: &str) -> Vec<Value> {
+    text.split("\n\n")
+        .filter_map(|block| block.strip_prefix("data: "))
+        .map(|data| {
+            if data == "[DONE]" {
+                Value::String(data.into())
+            } else {
+                serde_json::from_str(data)
+                    .unwrap_or_else(|e| panic!("relayed malformed JSON ({e}): {data}"))
+            }
+        })
+        .collect()
+}
+
+/// The text a stream's chunks carried.
+pub fn content(events: &[Value]) -> String {
+    events
+        .iter()
+        .filter_map(|e| e["choices"][0]["delta"]["content"].as_str())
+        .collect()
+}
+
+/// The whole body of a response, streamed or not.
+pub async fn body(response: lambda_http::Response<fallback_chat::reply::Reply>) -> String {
+    String::from_utf8(response.into_body().collect().await.to_vec()).unwrap()
 }

@@ -51,6 +51,17 @@ pub enum Behavior {
     /// Streamed: a normal stream with Azure's asynchronous-filter event (`content_filter_offsets`,
     /// empty `id`) after the second content chunk.
     StreamAsyncFilter,
+    /// 400 `content_policy_violation`, as OpenAI and OpenAI-compatible servers refuse a prompt.
+    ContentPolicy,
+    /// 400 for a request whose last message is an assistant message (a prefill), as models that
+    /// want the conversation to end with a user message answer; healthy otherwise.
+    NoPrefill,
+    /// 400 for a request that asks to continue a partial answer, in any form; healthy otherwise.
+    RefuseContinuation,
+    /// Healthy, but a continuation first repeats the last `words` words of the partial answer.
+    ContinueOverlap { words: usize },
+    /// Streamed: a tool call whose arguments stop after `after` pieces, then a TCP reset.
+    StreamToolCut { after: usize },
 }
 
 /// Which timing headers a 429 carries.
@@ -89,7 +100,8 @@ throttled-date:<secs>, throttled-reset:<secs>, throttled-reset-tokens:<secs>, th
 500|server-error, 503|unavailable, 503:<secs>|unavailable:<secs>, 408|timeout, hang, reset, \
 content-filter, context-length, not-found, 401|unauthorized, output-filtered, stream-cut:<chunks>, \
 stream-stall:<chunks>, stream-corrupt:<index>, stream-no-done, stream-slow-start:<ms>, \
-stream-async-filter";
+stream-async-filter, content-policy, no-prefill, refuse-continuation, continue-overlap:<words>, \
+stream-tool-cut:<pieces>";
 
 impl FromStr for Behavior {
     type Err = String;
@@ -132,6 +144,11 @@ impl FromStr for Behavior {
             "stream-no-done" => plain(Behavior::StreamNoDone),
             "stream-slow-start" => Ok(Behavior::StreamSlowStart { ms: num()? }),
             "stream-async-filter" => plain(Behavior::StreamAsyncFilter),
+            "content-policy" => plain(Behavior::ContentPolicy),
+            "no-prefill" => plain(Behavior::NoPrefill),
+            "refuse-continuation" => plain(Behavior::RefuseContinuation),
+            "continue-overlap" => Ok(Behavior::ContinueOverlap { words: count()? }),
+            "stream-tool-cut" => Ok(Behavior::StreamToolCut { after: count()? }),
             _ => Err(bad()),
         }
     }
@@ -167,6 +184,11 @@ impl fmt::Display for Behavior {
             Behavior::StreamNoDone => f.write_str("stream-no-done"),
             Behavior::StreamSlowStart { ms } => write!(f, "stream-slow-start:{ms}"),
             Behavior::StreamAsyncFilter => f.write_str("stream-async-filter"),
+            Behavior::ContentPolicy => f.write_str("content-policy"),
+            Behavior::NoPrefill => f.write_str("no-prefill"),
+            Behavior::RefuseContinuation => f.write_str("refuse-continuation"),
+            Behavior::ContinueOverlap { words } => write!(f, "continue-overlap:{words}"),
+            Behavior::StreamToolCut { after } => write!(f, "stream-tool-cut:{after}"),
         }
     }
 }

@@ -25,6 +25,11 @@
 //! the api-version check (classic route), the key, the deployment (registered?), the body
 //! (`messages`), and only then the deployment's scripted behaviour.
 //!
+//! Every deployment answers `[<deployment>] You said: <last user message>`. A request whose
+//! last assistant message is the beginning of such an answer (as the last message, or followed by
+//! one user message asking to continue) gets the rest of it: that is how the emulator continues a
+//! partial answer.
+//!
 //! A streamed answer is `data: <json>\n\n` events: Azure's `prompt_filter_results` event (empty
 //! `id`), a role chunk, one `chat.completion.chunk` per word of the answer, a finish chunk, a usage
 //! chunk if `stream_options.include_usage` is true, then `data: [DONE]`. Error behaviours answer
@@ -322,6 +327,17 @@ impl Shared {
             .deployments
             .get(deployment)
             .is_some_and(|d| d.steady.is_some())
+    }
+
+    /// The registered deployments' names.
+    pub(crate) fn deployments(&self) -> Vec<String> {
+        let state = self.lock();
+        state
+            .deployments
+            .iter()
+            .filter(|(_, d)| d.steady.is_some())
+            .map(|(name, _)| name.clone())
+            .collect()
     }
 
     /// Consumes the next one-shot behaviour (or the steady one); `None` if not registered.

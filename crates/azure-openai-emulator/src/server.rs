@@ -23,7 +23,7 @@ use tokio::task::JoinSet;
 use tower_service::Service;
 
 use crate::behavior::Behavior;
-use crate::wire::{self, Completion, Reply, StreamEvents};
+use crate::wire::{self, Completion, Conversation, Reply, StreamEvents};
 use crate::{Plan, RecordedRequest, Shared};
 
 /// Lets a handler ask its connection task to drop the TCP connection with an RST.
@@ -203,6 +203,25 @@ async fn handle(
     if let Some(reply) = wire::error_reply(&plan.behavior, api_version.as_deref()) {
         return finish(shared, name, &label, reply);
     }
+    let deployments = shared.deployments();
+    let conversation = Conversation::read(messages, &deployments);
+    match plan.behavior {
+        Behavior::NoPrefill if conversation.prefill => {
+            let reply = wire::bad_request(
+                "This model does not support assistant message prefill. The conversation must end with a user message.",
+                "messages",
+            );
+            return finish(shared, name, &label, reply);
+        }
+        Behavior::RefuseContinuation if conversation.partial.is_some() => {
+            let reply = wire::bad_request(
+                "This deployment does not continue a partial answer; send the conversation without it.",
+                "messages",
+            );
+            return finish(shared, name, &label, reply);
+        }
+        _ => {}
+    }
     match plan.behavior {
         Behavior::Hang => {
             shared.log(name, &label, "no response");
@@ -216,7 +235,19 @@ async fn handle(
         // Healthy, OutputFiltered or a stream behaviour: a completion
         _ => {
             let filtered = plan.behavior == Behavior::OutputFiltered;
-            let completion = Completion::new(deployment, &plan.model, messages, filtered);
+            let overlap = match plan.behavior {
+                Behavior::ContinueOverlap { words } => words,
+                _ => 0,
+            };
+            let completion = Completion::new(
+                deployment,
+                &plan.model,
+                messages,
+                &conversation,
+                &deployments,
+                overlap,
+                filtered,
+            );
             let flag = |pointer| body.as_ref().and_then(|b| b.pointer(pointer)) == Some(&TRUE);
             let (stream, include_usage) = (flag("/stream"), flag("/stream_options/include_usage"));
             if !plan.latency.is_zero() {
@@ -224,7 +255,13 @@ async fn handle(
             }
             if stream {
                 shared.log(name, &label, "200 stream");
-                let events = completion.stream_events(include_usage);
+                let mut events = completion.stream_events(include_usage);
+                if let Behavior::StreamToolCut { after } = plan.behavior {
+                    // A tool call instead of text: its pieces are the stream's content.
+                    let mut calls = completion.tool_call_events(after);
+                    events.role = calls.remove(0);
+                    events.content = calls;
+                }
                 return stream_response(events, &plan, conn.clone());
             }
             let reply = completion.reply(plan.remaining_requests, plan.remaining_tokens);
@@ -287,7 +324,7 @@ async fn produce(
         }
     }
     match behavior {
-        Behavior::StreamCut { .. } => {
+        Behavior::StreamCut { .. } | Behavior::StreamToolCut { .. } => {
             // Wait until hyper took the last event, and give it a moment to reach the socket.
             drop(out.tx.reserve().await.ok()?);
             out.pause(Duration::from_millis(50)).await?;

@@ -48,16 +48,100 @@ pub(crate) struct Completion {
     pub completion_tokens: u64,
 }
 
-impl Completion {
-    /// The deterministic answer of `deployment` to `messages` (already validated as non-empty).
-    pub fn new(deployment: &str, model: &str, messages: &[Value], filtered: bool) -> Self {
-        let last_user = messages
+/// What a conversation asks: the question, and whether it asks to continue a partial answer.
+pub(crate) struct Conversation {
+    /// The last user message (before the partial answer, when there is one).
+    pub question: String,
+    /// A partial assistant answer to continue: the beginning of some deployment's answer to
+    /// the question, as the last message (a prefill) or followed by one user message (an
+    /// instruction to continue).
+    pub partial: Option<String>,
+    /// The last message is an assistant message.
+    pub prefill: bool,
+}
+
+fn role(message: &Value) -> Option<&str> {
+    message.get("role").and_then(Value::as_str)
+}
+
+/// Every deployment's answer to `question` reads `[<deployment>] You said: <question>`.
+pub(crate) fn canonical(deployment: &str, question: &str) -> String {
+    format!("[{deployment}] You said: {question}")
+}
+
+impl Conversation {
+    /// Reads `messages` (already validated as non-empty); `deployments` are the registered ones,
+    /// whose answers a partial answer may be the beginning of.
+    pub fn read(messages: &[Value], deployments: &[String]) -> Self {
+        let prefill = messages.last().and_then(role) == Some("assistant");
+        // The assistant message that may be a partial answer: last, or followed by one user message.
+        let candidate = match messages {
+            [.., a] if role(a) == Some("assistant") => Some(messages.len() - 1),
+            [.., a, u] if role(a) == Some("assistant") && role(u) == Some("user") => {
+                Some(messages.len() - 2)
+            }
+            _ => None,
+        };
+        let last_user_before = |end: usize| {
+            messages[..end]
+                .iter()
+                .rev()
+                .find(|m| role(m) == Some("user"))
+                .map(|m| content_text(m.get("content")))
+                .unwrap_or_default()
+        };
+        if let Some(k) = candidate {
+            let question = last_user_before(k);
+            let partial = content_text(messages[k].get("content"));
+            let continues = !partial.is_empty()
+                && deployments.iter().any(|d| {
+                    let answer = canonical(d, &question);
+                    answer.len() > partial.len() && answer.starts_with(&partial)
+                });
+            if continues {
+                return Self {
+                    question,
+                    partial: Some(partial),
+                    prefill,
+                };
+            }
+        }
+        Self {
+            question: last_user_before(messages.len()),
+            partial: None,
+            prefill,
+        }
+    }
+
+    /// The text of `deployment`'s answer: its canonical answer, or the rest of the answer the
+    /// partial one began (first repeating its last `overlap` words, as models sometimes do).
+    fn answer(&self, deployment: &str, deployments: &[String], overlap: usize) -> String {
+        let Some(partial) = &self.partial else {
+            return canonical(deployment, &self.question);
+        };
+        let whole = deployments
             .iter()
-            .rev()
-            .find(|m| m.get("role").and_then(Value::as_str) == Some("user"))
-            .map(|m| content_text(m.get("content")))
-            .unwrap_or_default();
-        let answer = format!("[{deployment}] You said: {last_user}");
+            .map(|d| canonical(d, &self.question))
+            .find(|a| a.starts_with(partial.as_str()))
+            .unwrap_or_else(|| canonical(deployment, &self.question));
+        let words = words_with_spaces(partial);
+        let repeated: String = words[words.len().saturating_sub(overlap)..].concat();
+        format!("{repeated}{}", &whole[partial.len()..])
+    }
+}
+
+impl Completion {
+    /// The deterministic answer of `deployment` to `conversation`.
+    pub fn new(
+        deployment: &str,
+        model: &str,
+        messages: &[Value],
+        conversation: &Conversation,
+        deployments: &[String],
+        overlap: usize,
+        filtered: bool,
+    ) -> Self {
+        let answer = conversation.answer(deployment, deployments, overlap);
         let prompt_tokens = messages
             .iter()
             .map(|m| word_count(&content_text(m.get("content"))) + 3) // +3: per-message framing, as tiktoken counts it
@@ -171,6 +255,33 @@ impl Completion {
             ))),
             usage,
         }
+    }
+
+    /// A streamed tool call (`lookup` with JSON arguments) whose arguments stop after `after`
+    /// pieces: the role chunk, then the pieces. The caller cuts the connection after them.
+    pub fn tool_call_events(&self, after: usize) -> Vec<String> {
+        let chunk = |delta: Value| {
+            event(&json!({
+                "choices": [{"delta": delta, "finish_reason": null, "index": 0, "logprobs": null}],
+                "created": self.created,
+                "id": self.id,
+                "model": self.model,
+                "object": "chat.completion.chunk",
+                "system_fingerprint": "fp_emu",
+            }))
+        };
+        let mut events = vec![chunk(
+            json!({"role": "assistant", "content": null, "tool_calls": [
+                {"index": 0, "id": "call_emu", "type": "function", "function": {"name": "lookup", "arguments": ""}}
+            ]}),
+        )];
+        let arguments = format!(r#"{{"query": "{}"}}"#, self.text.replace('"', "'"));
+        for piece in words_with_spaces(&arguments).into_iter().take(after) {
+            events.push(chunk(
+                json!({"tool_calls": [{"index": 0, "function": {"arguments": piece}}]}),
+            ));
+        }
+        events
     }
 
     fn usage(&self) -> Usage {
@@ -436,6 +547,13 @@ pub(crate) fn error_reply(behavior: &Behavior, api_version: Option<&str>) -> Opt
             "The operation was timeout.",
         ),
         Behavior::ContentFilter => content_filter(),
+        Behavior::ContentPolicy => openai_error(
+            StatusCode::BAD_REQUEST,
+            "Your request was rejected as a result of our safety system. Your prompt may contain text that is not allowed by our safety system.",
+            Some("invalid_request_error"),
+            None,
+            Some("content_policy_violation"),
+        ),
         Behavior::ContextLengthExceeded => openai_error(
             StatusCode::BAD_REQUEST,
             "This model's maximum context length is 8192 tokens. However, your messages resulted in 9000 tokens. Please reduce the length of the messages.",
@@ -454,7 +572,11 @@ pub(crate) fn error_reply(behavior: &Behavior, api_version: Option<&str>) -> Opt
         | Behavior::StreamCorrupt { .. }
         | Behavior::StreamNoDone
         | Behavior::StreamSlowStart { .. }
-        | Behavior::StreamAsyncFilter => {
+        | Behavior::StreamAsyncFilter
+        | Behavior::NoPrefill
+        | Behavior::RefuseContinuation
+        | Behavior::ContinueOverlap { .. }
+        | Behavior::StreamToolCut { .. } => {
             return None;
         }
     })
