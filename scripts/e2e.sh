@@ -15,7 +15,9 @@ cleanup() {
   [[ -n "$STREAM_PGID" ]] && kill -- "-$STREAM_PGID" 2>/dev/null || true
   [[ -n "${EMULATOR_PID:-}" ]] && kill "$EMULATOR_PID" 2>/dev/null || true
   [[ -n "${CLOSED_PGID:-}" ]] && kill -- "-$CLOSED_PGID" 2>/dev/null || true
-  rm -f "$ENV_FILE" "$ENV_FILE.stream" "$ENV_FILE.closed"
+  [[ -n "${CUT_PGID:-}" ]] && kill -- "-$CUT_PGID" 2>/dev/null || true
+  [[ -n "${CUT_EMULATOR_PID:-}" ]] && kill "$CUT_EMULATOR_PID" 2>/dev/null || true
+  rm -f "$ENV_FILE" "$ENV_FILE.stream" "$ENV_FILE.closed" "$ENV_FILE.cut"
 }
 ENV_FILE=$(mktemp)
 trap cleanup EXIT
@@ -113,11 +115,48 @@ else
 fi
 kill -- "-$CLOSED_PGID" 2>/dev/null || true
 
+# A primary that cuts its stream mid-answer, streaming mode, the official openai SDK: the answer
+# arrives whole, the rest of it written by the fallback.
+CUT_EMULATOR_PORT=$(free_port)
+CUT_PORT=$(free_port)
+"${CARGO_TARGET_DIR:-target}/debug/azure-openai-emulator" --host 127.0.0.1 --port "$CUT_EMULATOR_PORT" \
+  --api-key emulator-key --exit-after 300 --deployment gpt-4o=stream-cut:3 \
+  --deployment gpt-35-turbo=healthy >>"$LOG.emulator" 2>&1 &
+CUT_EMULATOR_PID=$!
+sed "s|^AZURE_OPENAI_ENDPOINT=.*|AZURE_OPENAI_ENDPOINT=http://127.0.0.1:$CUT_EMULATOR_PORT|" \
+  "$ENV_FILE.stream" > "$ENV_FILE.cut"
+setsid timeout 300 cargo lambda watch --invoke-address 127.0.0.1 --invoke-port "$CUT_PORT" \
+  --env-file "$ENV_FILE.cut" --ignore-changes >"$LOG.cut" 2>&1 &
+CUT_PGID=$!
+if wait_for_port "$CUT_PORT" 120 && wait_for "http://127.0.0.1:$CUT_EMULATOR_PORT/" 30; then
+  answer=$(python - "http://127.0.0.1:$CUT_PORT" "$KEY" <<'PY' 2>&1
+import sys
+from openai import OpenAI
+client = OpenAI(base_url=f"{sys.argv[1]}/v1", api_key=sys.argv[2], max_retries=0, timeout=120)
+question = "How do I reset my password?"
+stream = client.chat.completions.create(
+    model="gpt-4o", messages=[{"role": "user", "content": question}], stream=True)
+text, models = [], set()
+for chunk in stream:
+    models.add(chunk.model)
+    for choice in chunk.choices:
+        text.append(choice.delta.content or "")
+whole = "".join(text)
+print("whole" if whole == f"[gpt-4o] You said: {question}" and len(models) == 2 else f"{whole!r} {models}")
+PY
+)
+  check "openai SDK, streaming: a primary cut mid-answer, the answer arrives whole" whole "$answer"
+else
+  check "cargo lambda watch starts for the cut-stream check" up down
+fi
+kill -- "-$CUT_PGID" 2>/dev/null || true
+kill "$CUT_EMULATOR_PID" 2>/dev/null || true
+
 if ((failed > 0)); then
   echo "--- cargo lambda watch log ---"; cat "$LOG"
   echo "--- cargo lambda watch (streaming) log ---"; cat "$LOG.stream"
   echo "--- emulator log ---"; cat "$LOG.emulator"
 fi
-rm -f "$LOG" "$LOG.emulator" "$LOG.stream" "$LOG.closed"
+rm -f "$LOG" "$LOG.emulator" "$LOG.stream" "$LOG.closed" "$LOG.cut"
 echo "$passed passed, $failed failed"
 ((failed == 0))

@@ -39,7 +39,7 @@ enum AskError {
     #[error("Method {method} is not allowed on {path}; use GET.")]
     MethodNotAllowed { method: String, path: String },
     /// The answer itself was filtered: this interface has no way to show it as such.
-    #[error("Azure OpenAI's content filter blocked the {}.", .filter.target)]
+    #[error("The provider's safety system refused the {}.", .filter.target)]
     CompletionFiltered {
         deployment: String,
         filter: ContentFilter,
@@ -52,7 +52,7 @@ fn route_message(error: &RouteError) -> String {
     match error {
         RouteError::ContentFiltered { filter, .. } => {
             format!(
-                "Azure OpenAI's content filter blocked the {}.",
+                "The provider's safety system refused the {}.",
                 filter.target
             )
         }

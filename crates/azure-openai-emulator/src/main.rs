@@ -22,7 +22,13 @@ const USAGE: &str = "usage: azure-openai-emulator [--host 127.0.0.1] [--port 808
             stream-corrupt:<index>   a malformed event before content chunk <index>, then the rest
             stream-no-done           a complete stream that ends without data: [DONE]
             stream-slow-start:<ms>   the first event at once, the role chunk <ms> later
-            stream-async-filter      Azure's content_filter_offsets event after the 2nd chunk";
+            stream-async-filter      Azure's content_filter_offsets event after the 2nd chunk
+            stream-tool-cut:<pieces> a tool call whose arguments stop after <pieces>, then a reset
+  continuing a partial answer (the last assistant message, alone or followed by one user message):
+            content-policy           400 content_policy_violation, as OpenAI refuses a prompt
+            no-prefill               400 when the last message is an assistant message
+            refuse-continuation      400 for any request that asks to continue a partial answer
+            continue-overlap:<words> a continuation first repeats the partial answer's last words";
 
 struct Args {
     host: IpAddr,

@@ -483,6 +483,11 @@ fn stream_behaviours_round_trip_as_text() {
             Behavior::StreamSlowStart { ms: 2000 },
         ),
         ("stream-async-filter", Behavior::StreamAsyncFilter),
+        ("stream-tool-cut:2", Behavior::StreamToolCut { after: 2 }),
+        ("content-policy", Behavior::ContentPolicy),
+        ("no-prefill", Behavior::NoPrefill),
+        ("refuse-continuation", Behavior::RefuseContinuation),
+        ("continue-overlap:2", Behavior::ContinueOverlap { words: 2 }),
     ];
     for (text, behavior) in forms {
         assert_eq!(text.parse::<Behavior>(), Ok(behavior.clone()), "{text}");
