@@ -73,7 +73,7 @@ S2_FLOOR_SECONDS = knob("BENCH_S2_FLOOR_SECONDS", 10.0)  # per floor (direct cal
 S2_RATE = knob("BENCH_S2_RATE", 20.0)  # requests per second at most, one at a time
 S3_REQUESTS = knob("BENCH_S3_REQUESTS", 50, int)
 S3_SECONDS = knob("BENCH_S3_SECONDS", 20.0)
-COLD_RUNS = knob("BENCH_COLD_RUNS", 20, int)
+COLD_RUNS = knob("BENCH_COLD_RUNS", 20, int)  # per binary, upstream and CPU condition (6 rows)
 FLEET_ENVIRONMENTS = knob("BENCH_FLEET_ENVIRONMENTS", 16, int)
 FLEET_RATE = knob("BENCH_FLEET_RATE", 2.0)  # requests per second per environment
 SKIP_ARM64 = os.environ.get("BENCH_SKIP_ARM64", "") not in ("", "0")
@@ -238,19 +238,73 @@ def rel(path):
 
 class Emulator:
     """target/bench-fixture/azure-openai-emulator with one behaviour per deployment; it logs one stderr
-    line per call, which is how upstream calls are counted (between two offsets of that file)."""
+    line per call, which is how upstream calls are counted (between two offsets of that file).
 
-    def __init__(self, name, behaviors, latency_ms=0):
+    With `tls_ca_out` (a path), it serves HTTPS (`--tls-ca-out`): a test CA generated at start,
+    its PEM written there (`ca_path`), `url` the https URL its ready line prints."""
+
+    def __init__(self, name, behaviors, latency_ms=0, tls_ca_out=None):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        self.ca_path = Path(tls_ca_out) if tls_ca_out else None
         self.calls_path = LOGS / f"emulator-{name}.calls"
         argv = [TARGET / "bench-fixture/azure-openai-emulator", "--host", "127.0.0.1", "--port", self.port,
                 "--api-key", EMULATOR_KEY, "--latency-ms", latency_ms, "--exit-after", 3600]
         for deployment, behavior in behaviors.items():
             argv += ["--deployment", f"{deployment}={behavior}"]
-        self.proc = Proc(f"emulator-{name}", argv, log=LOGS / f"emulator-{name}.log",
-                         stderr=self.calls_path, limit=3600)
-        wait_until(lambda: http_status(self.url + "/") is not None, 20, self.proc, "emulator")
+        if self.ca_path:
+            self.ca_path.unlink(missing_ok=True)
+            argv += ["--tls-ca-out", self.ca_path]
+        self.log_path = LOGS / f"emulator-{name}.log"
+        # Where this start's lines begin in its two files (appended to if they exist).
+        offsets = [p.stat().st_size if p.exists() else 0 for p in (self.log_path, self.calls_path)]
+        self.proc = Proc(f"emulator-{name}", argv, log=self.log_path, stderr=self.calls_path, limit=3600)
+        if not self.ca_path:
+            wait_until(lambda: http_status(self.url + "/") is not None, 20, self.proc, "emulator")
+            return
+        try:
+            wait_until(lambda: self._https_ready(offsets[0]), 20, self.proc, "emulator (HTTPS)")
+            self._check_https()
+        except Exception as error:
+            self.proc.stop()
+            with open(self.calls_path, "rb") as f:
+                f.seek(offsets[1])
+                lines = [l.strip() for l in f.read().decode(errors="replace").splitlines() if l.strip()]
+            # Its complaint is the line naming it (a usage text follows), else the last.
+            said = next((l for l in lines if l.startswith("azure-openai-emulator:")), lines[-1] if lines else "")
+            if "--tls-ca-out" in said or "unknown option" in said:
+                raise RuntimeError(f"this emulator has no --tls-ca-out (it said: {said[:300]})") from error
+            raise RuntimeError(f"{error}{f' (it said: {said[:300]})' if said else ''}") from error
+
+    def _https_ready(self, offset):
+        """Its ready line ("... listening on https://...") is out and the CA's PEM written."""
+        with open(self.log_path, "rb") as f:
+            f.seek(offset)
+            text = f.read().decode(errors="replace")
+        line = next((l for l in text.splitlines() if " listening on " in l), None)
+        if line is None:
+            return False
+        url = line.split(" listening on ", 1)[1].split()[0]
+        if not url.startswith("https://"):
+            raise RuntimeError(f"--tls-ca-out given, but the emulator serves {url}")
+        if not (self.ca_path.exists() and b"BEGIN CERTIFICATE" in self.ca_path.read_bytes()):
+            return False
+        self.url = url.rstrip("/")
+        return True
+
+    def _check_https(self):
+        """One request trusting only the test CA: a certificate or URL the function could not
+        verify either fails here, with the reason."""
+        import ssl
+
+        context = ssl.create_default_context(cafile=str(self.ca_path))
+        try:
+            urllib.request.urlopen(self.url + "/", timeout=5, context=context).close()
+        except urllib.error.HTTPError:
+            pass  # an answer, over a verified connection
+        except (urllib.error.URLError, OSError) as error:
+            raise RuntimeError(f"{self.url} not verified with the CA it wrote ({self.ca_path}): "
+                               f"{getattr(error, 'reason', error)}") from error
 
     def mark(self):
         return self.calls_path.stat().st_size
@@ -779,28 +833,66 @@ def scenario_errors(report, number, behaviors, direct_deployment, count, seconds
 
 
 def coldstart(report):
+    """Cold start (bench/coldstart.py) of fallback-chat and the hello-world, each on a full core
+    and under the CPU share Lambda gives 128 MB (a cgroup CPU quota, made once here; where none
+    can be made, the reason is recorded and only the full-core runs are made); fallback-chat
+    against the emulator over plain HTTP and over HTTPS (`--tls-ca-out`, the test CA given to
+    the function as EXTRA_CA_CERTS; not measured, with the reason, when the emulator cannot)."""
     sys.path.insert(0, str(BENCH))
     import coldstart as cs
 
-    report["coldstart"] = {}
-    emulator = Emulator("coldstart", {d: "healthy" for d in DEPLOYMENTS})
+    quota_us, period_us = cs.LAMBDA_128MB
+    cold = report["coldstart"] = {"runs": COLD_RUNS, "full": {}, "quota": {}}
     try:
-        env = function_env(emulator)
-        env["CLIENT_API_KEYS"] = "fc-example-client-key-0000"  # the key events/ carry
-        for key, binary, extra in (("fallback-chat", TARGET / "release/fallback-chat", env),
-                                   ("hello", TARGET / "release/hello", {})):
-            log(f"  cold start: {key} x{COLD_RUNS}")
-            try:
-                if not binary.exists():
-                    raise RuntimeError(f"{rel(binary)} was not built")
-                result = cs.measure(str(binary), COLD_RUNS, extra)
-                runs = result.pop("all")
-                result["first_poll_p99_ms"] = round(percentile([r["first_poll_ms"] for r in runs], 0.99), 2)
-                report["coldstart"][key] = result
-            except Exception as error:
-                report["coldstart"][key] = {"error": str(error)}
+        cgroup = cs.CpuCgroup.make(quota_us, period_us)
+        cold["cpu_quota"] = cgroup.describe()
+    except cs.NoCgroup as error:
+        cgroup = None
+        cold["cpu_quota"] = {"quota": None, "why": str(error), "quota_us": quota_us, "period_us": period_us}
+        log(f"  cold start: no cgroup for a CPU quota, full core only: {error}")
+    emulators = {}
+    try:
+        healthy = {d: "healthy" for d in DEPLOYMENTS}
+        emulators["http"] = Emulator("coldstart", healthy)
+        try:
+            emulators["https"] = Emulator("coldstart-https", healthy, tls_ca_out=LOGS / "coldstart-ca.pem")
+        except Exception as error:
+            cold["https_error"] = str(error)
+            log(f"  cold start: no HTTPS upstream: {error}")
+
+        def function(emulator):
+            env = function_env(emulator)
+            env["CLIENT_API_KEYS"] = "fc-example-client-key-0000"  # the key events/ carry
+            if emulator.ca_path:
+                env["EXTRA_CA_CERTS"] = str(emulator.ca_path)
+            return env
+
+        fc, hello = TARGET / "release/fallback-chat", TARGET / "release/hello"
+        cells = [("fallback-chat", fc, function(emulators["http"])),
+                 ("fallback-chat-https", fc, function(emulators["https"]) if "https" in emulators else None),
+                 ("hello", hello, {})]
+        for condition, group in (("full", None), ("quota", cgroup)):
+            if condition == "quota" and group is None:
+                continue
+            for key, binary, env in cells:
+                if env is None:
+                    cold[condition][key] = {"error": f"not measured: {cold['https_error']}"}
+                    continue
+                log(f"  cold start: {key} x{COLD_RUNS}, "
+                    + ("full core" if group is None else f"CPU quota {quota_us}/{period_us} µs (cgroup {group.version})"))
+                try:
+                    if not binary.exists():
+                        raise RuntimeError(f"{rel(binary)} was not built")
+                    result = cs.measure(str(binary), COLD_RUNS, env, group)
+                    result.pop("all")
+                    cold[condition][key] = result
+                except Exception as error:
+                    cold[condition][key] = {"error": str(error)}
     finally:
-        emulator.stop()
+        for emulator in emulators.values():
+            emulator.stop()
+        if cgroup:
+            cgroup.remove()
 
 
 def elf_machine(path):

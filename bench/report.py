@@ -222,6 +222,185 @@ def fleet_section(report, w):
     w("")
 
 
+def cold_conditions(report):
+    """bench/results.json's cold-start figures as {"full": {...}, "quota": {...}}, each keyed by
+    "fallback-chat", "fallback-chat-https" and "hello" (results from before the CPU quota and
+    the HTTPS upstream: their one condition, a full core, HTTP only)."""
+    cold = report.get("coldstart", {})
+    if "full" in cold:
+        return cold
+    return {"runs": report["knobs"]["COLD_RUNS"], "full": {k: cold[k] for k in ("fallback-chat", "hello") if k in cold},
+            "quota": {}, "cpu_quota": {"quota": None, "why": None}, "legacy": True}
+
+
+def fixed(v):
+    return f"{v:.2f} ms" if v < 100 else f"{v:.1f} ms"
+
+
+def coldstart_section(report, w):
+    """The cold-start tables (one per CPU condition), the targets, the sizes; returns the
+    hello-world's full-core figures (its peak RSS is the memory tables' yardstick)."""
+    w("## Cold start, memory and size")
+    w("")
+    cold = cold_conditions(report)
+    q = cold.get("cpu_quota") or {}
+    runs = cold.get("runs") or report["knobs"]["COLD_RUNS"]
+    clocks = {r.get("cpu_clock") for c in ("full", "quota") for r in cold.get(c, {}).values() if r.get("cpu_clock")}
+    w(f"Each release binary started {runs} times per row by `bench/coldstart.py` against a minimal "
+      "local Lambda Runtime API. *Start to first poll*: from starting the process to its first "
+      "`GET /runtime/invocation/next` (configuration read, HTTP client and TLS set up for "
+      "fallback-chat). *First invocation*: from handing it `events/http-api/get-query.json` to "
+      "its response, which for fallback-chat means a call to the emulator (a new connection: over "
+      "HTTPS, with its TLS handshake; the emulator serves HTTPS with a test CA it generates, "
+      "`--tls-ca-out`, trusted by the function through `EXTRA_CA_CERTS`). *Warm invocation*: the "
+      "same event once more, in the same process, right after. The hello-world `lambda_http` "
+      "function has no upstream: its HTTPS rows are n/a. Beside each wall time, the CPU time "
+      "(user + system, every thread of the process) it used over the same span, read at its "
+      "first poll and when each response arrives "
+      + ("(`/proc/<pid>/task/*/schedstat`, ns)" if clocks <= {"schedstat (ns)"} else
+         f"(clock: {', '.join(sorted(clocks))}; in clock ticks it is coarse, a tick or nothing)")
+      + ". Medians, and the p90 of the time to first poll. Peak RSS is the process's `VmHWM` "
+      "after both invocations (the HTTP upstream's run).")
+    w("")
+    if cold.get("legacy"):
+        w("**Full core and HTTP upstream only**: this run of the harness predates the 128 MB CPU "
+          "share, the HTTPS upstream, the warm invocation and the CPU times.")
+    elif q.get("quota"):
+        w(f"Two CPU conditions. **Full core**: nothing limits the process (the machine's "
+          f"{report['machine']['nproc']} cores are shared with the harness's Runtime API and the "
+          f"emulator). **128 MB share**: Lambda gives a function CPU in proportion to its memory, "
+          f"one vCPU at 1,769 MB, so about 7 % of one at 128 MB; here a cgroup {q['cgroup']} CPU "
+          f"quota of {q['quota_us']} µs per {q['period_us']} µs period "
+          f"({q['quota_us'] / q['period_us'] * 100:.1f} % of one CPU, "
+          + ("`cpu.max`" if q["cgroup"] == "v2" else "`cpu.cfs_quota_us` / `cpu.cfs_period_us`")
+          + "), the process put in its cgroup before `exec`, so from its first instruction. The "
+          "Runtime API and the emulator run outside it, as they would on AWS.")
+    else:
+        w(f"**No 128 MB CPU share**: the CPU quota Lambda's 128 MB would get "
+          f"({q.get('quota_us', 1000)} µs per {q.get('period_us', 13889)} µs, a cgroup CPU quota) "
+          f"could not be set up on this machine, so only the full-core figures are here. Why: "
+          f"{q.get('why') or 'not recorded'}.")
+    w("")
+    if cold.get("https_error"):
+        w(f"**No HTTPS upstream**: {cold['https_error']}.")
+        w("")
+
+    def cell(row, key, fmt):
+        if not row or row.get("error"):
+            return "–" if not row else "not measured" if skipped(row) else "failed (below)"
+        v = row.get(key)
+        return "–" if v is None else fmt(v)
+
+    def skipped(row):
+        """A row not measured for a reason given above the tables (no HTTPS upstream)."""
+        return row.get("error", "").startswith("not measured")
+
+    def figure(row, key):
+        return None if not row or row.get("error") else row.get(key)
+
+    def statuses_of(row):
+        if not row or row.get("error"):
+            return "–"
+        return f"{', '.join(map(str, row.get('statuses', []))) or '–'} / {', '.join(map(str, row.get('warm_statuses', []))) or '–'}"
+
+    titles = {"full": "On a full core",
+              "quota": f"Under the 128 MB CPU share (cgroup {q.get('cgroup')}, {q.get('quota_us')} µs per {q.get('period_us')} µs)"}
+    for condition in ("full", "quota"):
+        rows = cold.get(condition) or {}
+        if not rows:
+            continue
+        fc, fcs, he = rows.get("fallback-chat"), rows.get("fallback-chat-https"), rows.get("hello")
+        w(f"### {titles[condition]}")
+        w("")
+        w("| | fallback-chat | hello-world `lambda_http` | fallback-chat × hello-world |")
+        w("|---|---|---|---|")
+        for label, key, fmt in (
+                ("Start to first poll, median, wall", "first_poll_ms", fixed),
+                ("Start to first poll, median, CPU", "cpu_to_first_poll_ms", fixed),
+                ("Start to first poll, p90, wall", "first_poll_p90_ms", fixed),
+                ("First invocation to its response, HTTP upstream, wall", "first_response_ms", fixed),
+                ("First invocation to its response, HTTP upstream, CPU", "cpu_first_invocation_ms", fixed),
+                ("Warm invocation to its response, HTTP upstream, wall", "warm_response_ms", fixed)):
+            w(f"| {label} | {cell(fc, key, fmt)} | {cell(he, key, fmt)} | {ratio(figure(fc, key), figure(he, key))} |")
+        for label, key in (("First invocation to its response, HTTPS upstream, wall", "first_response_ms"),
+                           ("First invocation to its response, HTTPS upstream, CPU", "cpu_first_invocation_ms"),
+                           ("Warm invocation to its response, HTTPS upstream, wall", "warm_response_ms"),
+                           ("Warm invocation to its response, HTTPS upstream, CPU", "cpu_warm_invocation_ms")):
+            w(f"| {label} | {cell(fcs, key, fixed)} | n/a (no upstream) | n/a |")
+        w(f"| Peak RSS after both invocations | {cell(fc, 'peak_rss_kib', mib)} | {cell(he, 'peak_rss_kib', mib)} | "
+          f"{ratio(figure(fc, 'peak_rss_kib'), figure(he, 'peak_rss_kib'))} |")
+        w(f"| Status of the responses, first / warm | HTTP: {statuses_of(fc)}; HTTPS: {statuses_of(fcs)} | "
+          f"{statuses_of(he)} | |")
+        w("")
+        failed = [(label, row["error"]) for label, row in (("fallback-chat, HTTP upstream", fc),
+                                                           ("fallback-chat, HTTPS upstream", fcs),
+                                                           ("hello-world", he))
+                  if row and row.get("error") and not skipped(row)]
+        for label, error in failed:
+            w(f"- {label}: {error}")
+        if failed:
+            w("")
+        throttled = [row["cpu_quota"] for row in (fc, fcs, he) if row and isinstance(row.get("cpu_quota"), dict)
+                     and "throttled_periods" in row["cpu_quota"]]
+        if condition == "quota" and throttled:
+            w(f"The quota at work: over these rows the cgroup held its processes back in "
+              f"{sum(t['throttled_periods'] for t in throttled):.0f} of the "
+              f"{sum(t['periods'] for t in throttled):.0f} periods in which they ran, "
+              f"{sum(t['throttled_ms'] for t in throttled) / 1000:.2f} s in all (its `cpu.stat`).")
+            w("")
+        bad = [f"{label} ({statuses_of(row)})" for label, row in (("HTTP upstream", fc), ("HTTPS upstream", fcs))
+               if row and not row.get("error")
+               and set(row.get("statuses", [])) | set(row.get("warm_statuses", [])) != {200}]
+        if bad:
+            w(f"Not every response was a 200 ({'; '.join(bad)}): those invocations time an error "
+              "answer, not a completion. Over HTTPS that is the function not trusting the test "
+              "CA: a binary from before `EXTRA_CA_CERTS` needs `SSL_CERT_FILE` (see "
+              "`bench/coldstart.py`).")
+            w("")
+
+    # The targets of the cold-start work.
+    def ratio_of(a, b):
+        return a / b if a is not None and b else None
+
+    def verdict(value, target):
+        if value is None:
+            return "not measured"
+        return f"×{value:.2f} (target ≤ ×{target}: {'met' if value <= target else 'not met'})"
+
+    parts = []
+    for condition, where in (("quota", "under the 128 MB share"), ("full", "on a full core")):
+        rows = cold.get(condition) or {}
+        if not rows:
+            continue
+        fc, fcs, he = rows.get("fallback-chat"), rows.get("fallback-chat-https"), rows.get("hello")
+        poll = ratio_of(figure(fc, "first_poll_ms"), figure(he, "first_poll_ms"))
+        tls = ratio_of(figure(fcs, "first_response_ms"), figure(fcs, "warm_response_ms"))
+        answered = fcs and not fcs.get("error") and set(fcs.get("statuses", [])) | set(fcs.get("warm_statuses", [])) == {200}
+        parts.append(f"{where}, start to first poll fallback-chat ÷ hello-world {verdict(poll, 1.3)}, "
+                     "first HTTPS invocation ÷ warm HTTPS invocation "
+                     + (verdict(tls, 1.5) if answered or tls is None
+                        else f"×{tls:.2f}, which says nothing: the HTTPS responses were {statuses_of(fcs)}"))
+    if parts:
+        w("Targets (the quota's figures are the ones that count: that is what a 128 MB function gets): "
+          + "; ".join(parts) + ".")
+        w("")
+
+    w("Sizes are of the stripped release binaries: `cargo build --release` for x86_64, "
+      "`cargo lambda build --release --arm64` (zig from PyPI) for arm64, as deployed.")
+    w("")
+    w("| | fallback-chat | hello-world `lambda_http` | fallback-chat × hello-world |")
+    w("|---|---|---|---|")
+    sz = report.get("sizes", {})
+    for arch in ("x86_64", "aarch64"):
+        a = sz.get("fallback-chat", {}).get(arch)
+        b = sz.get("hello", {}).get(arch)
+        ea = sz.get("fallback-chat", {}).get(f"{arch}_error")
+        eb = sz.get("hello", {}).get(f"{arch}_error")
+        w(f"| Binary size, {arch} | {size(a) if a else ea} | {size(b) if b else eb} | {ratio(a, b)} |")
+    w("")
+    return (cold.get("full") or {}).get("hello") or {}
+
+
 def write(report):
     has_chart = chart(report)
     m = report["machine"]
@@ -374,42 +553,10 @@ def write(report):
     fleet_section(report, w)
 
     # Cold start, memory, size
-    w("## Cold start, memory and size")
-    w("")
-    cold = report.get("coldstart", {})
-    fc, hello = cold.get("fallback-chat", {}), cold.get("hello", {})
-    w(f"Cold start: the release binary started {k['COLD_RUNS']} times by `bench/coldstart.py` "
-      "against a minimal local Lambda Runtime API; the time from starting the process to its first "
-      "poll of `/runtime/invocation/next` (configuration read, HTTP client and TLS set up for "
-      "fallback-chat), then one invocation (`events/http-api/get-query.json`, answered by the "
-      "emulator for fallback-chat). Peak RSS is the process's `VmHWM` after that invocation. "
-      "Sizes are of the stripped release binaries: `cargo build --release` for x86_64, "
-      "`cargo lambda build --release --arm64` (zig from PyPI) for arm64, as deployed.")
-    w("")
-    w("| | fallback-chat | hello-world `lambda_http` | fallback-chat × hello-world |")
-    w("|---|---|---|---|")
-
-    def cold_row(label, key, fmt):
-        a, b = fc.get(key), hello.get(key)
-        w(f"| {label} | {fmt(a) if a is not None else fc.get('error', '–')} | "
-          f"{fmt(b) if b is not None else hello.get('error', '–')} | {ratio(a, b)} |")
-
-    cold_row("Start to first poll, median", "first_poll_ms", lambda v: f"{v:.2f} ms")
-    cold_row("Start to first poll, p99", "first_poll_p99_ms", lambda v: f"{v:.2f} ms")
-    cold_row("First invocation to its response, median", "first_response_ms", lambda v: f"{v:.2f} ms")
-    cold_row("Peak RSS after one invocation", "peak_rss_kib", mib)
-    w(f"| Status of that invocation's response | {', '.join(map(str, fc.get('statuses', []))) or '–'} | "
-      f"{', '.join(map(str, hello.get('statuses', []))) or '–'} | |")
-    sz = report.get("sizes", {})
-    for arch in ("x86_64", "aarch64"):
-        a = sz.get("fallback-chat", {}).get(arch)
-        b = sz.get("hello", {}).get(arch)
-        ea = sz.get("fallback-chat", {}).get(f"{arch}_error")
-        eb = sz.get("hello", {}).get(f"{arch}_error")
-        w(f"| Binary size, {arch} | {size(a) if a else ea} | {size(b) if b else eb} | {ratio(a, b)} |")
-    w("")
+    hello = coldstart_section(report, w)
     w("Peak RSS while serving scenario 1 (the highest `VmHWM` seen over both emulator settings, "
-      "after the concurrency-8 run), compared with the hello-world after one invocation:")
+      "after the concurrency-8 run), compared with the hello-world after its two invocations on a "
+      "full core:")
     w("")
     w("| System | Process measured | Peak RSS | × hello-world |")
     w("|---|---|---|---|")
@@ -477,6 +624,13 @@ def write(report):
     w("  CLIENT_API_KEYS=fc-bench-client-key-0000 target/release/inprocess --concurrency 1 --seconds 10")
     w("python3 bench/coldstart.py target/release/fallback-chat 20 AZURE_OPENAI_ENDPOINT=http://127.0.0.1:8080 \\")
     w("  AZURE_OPENAI_API_KEY=emulator-key CLIENT_API_KEYS=fc-example-client-key-0000")
+    w("# cold start under the 128 MB CPU share (a cgroup of its own: root, or write access to /sys/fs/cgroup)")
+    w("python3 bench/coldstart.py target/release/hello 20 --cpu-quota 1000/13889")
+    w("# against an HTTPS upstream: the emulator's test CA, trusted through EXTRA_CA_CERTS")
+    w("target/bench-fixture/azure-openai-emulator --port 8443 --tls-ca-out /tmp/emulator-ca.pem &")
+    w("python3 bench/coldstart.py target/release/fallback-chat 20 --cpu-quota 1000/13889 \\")
+    w("  AZURE_OPENAI_ENDPOINT=https://127.0.0.1:8443 AZURE_OPENAI_API_KEY=emulator-key \\")
+    w("  CLIENT_API_KEYS=fc-example-client-key-0000 EXTRA_CA_CERTS=/tmp/emulator-ca.pem")
     w("```")
     w("")
     w("## The LiteLLM configuration")

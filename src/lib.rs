@@ -13,6 +13,7 @@ pub mod config;
 pub mod error;
 pub mod health;
 pub mod http;
+pub mod net;
 pub mod outcome;
 pub mod pool;
 pub mod reply;
@@ -46,7 +47,7 @@ impl App<SystemClock> {
     /// names a table (aws-config is loaded only then), read once before the first request.
     pub async fn start(config: Config) -> Result<Self, ConfigError> {
         let fleet = match &config.health_table {
-            Some(table) => Some(Fleet::connect(table).await),
+            Some(table) => Some(Fleet::connect(table, &config.http).await),
             None => None,
         };
         let app = Self::with_fleet(config, SystemClock, fastrand::u64(..), fleet)?;
@@ -92,8 +93,7 @@ impl<C: Clock> App<C> {
         };
         let keys = ClientKeys::from_config(&config)?;
         let surface = Surface::from(&config);
-        let engine = Engine::new(config.pool, settings, clock, seed, fleet)
-            .map_err(|e| ConfigError::HttpClient(Box::new(e)))?;
+        let engine = Engine::new(config.pool, &config.http, settings, clock, seed, fleet);
         Ok(Self {
             engine: Arc::new(engine),
             keys,

@@ -12,7 +12,7 @@ use fallback_chat::error::ConfigError;
 use fallback_chat::telemetry;
 use lambda_http::http::{Method, Uri};
 use lambda_http::lambda_runtime::Diagnostic;
-use lambda_http::{Request, service_fn, tracing};
+use lambda_http::{Request, service_fn};
 use lambda_runtime_api_client::{Client, build_request};
 
 /// Configuration, keys held in AWS (only when referenced), then the shared state.
@@ -97,7 +97,7 @@ async fn check() -> ExitCode {
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> ExitCode {
     // JSON lines when AWS_LAMBDA_LOG_FORMAT=JSON, level from AWS_LAMBDA_LOG_LEVEL or RUST_LOG.
-    tracing::init_default_subscriber();
+    telemetry::init_logging(|name| std::env::var(name).ok(), std::io::stdout);
     // Lambda starts the bootstrap without arguments.
     if std::env::args().nth(1).as_deref() == Some("--check") {
         return check().await;

@@ -5,10 +5,54 @@
 
 use metrics::{Unit, counter, describe_counter, describe_histogram, histogram};
 use metrics_cloudwatch_embedded::Collector;
+use tracing_subscriber::filter::LevelFilter;
+use tracing_subscriber::fmt::MakeWriter;
 
 use crate::attempt::{Attempt, AttemptOutcome};
 
 pub const DEFAULT_NAMESPACE: &str = "FallbackChat";
+
+/// Logs to `writer` (stdout on Lambda), as Lambda's advanced logging controls ask: JSON lines when
+/// `AWS_LAMBDA_LOG_FORMAT=JSON`, text otherwise; the level from `AWS_LAMBDA_LOG_LEVEL`, else
+/// `RUST_LOG`, else INFO. No timestamps (CloudWatch adds them) and no module paths.
+///
+/// The subscriber lambda_runtime offers does the same through tracing-subscriber's `EnvFilter`,
+/// which brings a regex engine into the binary for per-module directives this function does not
+/// need; a plain level filter does the job (README, "Cold start and size").
+pub fn init_logging<W>(lookup: impl Fn(&str) -> Option<String>, writer: W)
+where
+    W: for<'w> MakeWriter<'w> + Send + Sync + 'static,
+{
+    let level = lookup("AWS_LAMBDA_LOG_LEVEL")
+        .or_else(|| lookup("RUST_LOG"))
+        .map_or(LevelFilter::INFO, |v| log_level(&v));
+    let json = lookup("AWS_LAMBDA_LOG_FORMAT").is_some_and(|f| f.eq_ignore_ascii_case("json"));
+    let logs = tracing_subscriber::fmt()
+        .with_target(false)
+        .without_time()
+        .with_max_level(level)
+        .with_writer(writer);
+    // Another subscriber already set (a test harness) keeps its place.
+    let _ = if json {
+        logs.json().try_init()
+    } else {
+        logs.try_init()
+    };
+}
+
+/// A Lambda log level (TRACE..FATAL) or a RUST_LOG level; per-module directives
+/// (`info,hyper=warn`) count by their bare level, and anything unreadable means INFO.
+fn log_level(value: &str) -> LevelFilter {
+    let bare = value
+        .split(',')
+        .map(str::trim)
+        .find(|d| !d.contains('='))
+        .unwrap_or("info");
+    if bare.eq_ignore_ascii_case("fatal") {
+        return LevelFilter::ERROR;
+    }
+    bare.parse().unwrap_or(LevelFilter::INFO)
+}
 
 /// Installs the EMF recorder (once per execution environment) under `namespace`.
 pub fn install(namespace: &str) -> Result<&'static Collector, String> {
@@ -114,4 +158,20 @@ pub fn interrupted(deployment: &str) {
 pub fn continued(from: &str, to: &str) {
     counter!("Continuations", "Deployment" => to.to_owned(), "From" => from.to_owned())
         .increment(1);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn log_levels_read_as_lambda_and_rust_log_write_them() {
+        assert_eq!(log_level("DEBUG"), LevelFilter::DEBUG);
+        assert_eq!(log_level("FATAL"), LevelFilter::ERROR);
+        assert_eq!(log_level("warn"), LevelFilter::WARN);
+        assert_eq!(log_level("trace,hyper=info"), LevelFilter::TRACE);
+        assert_eq!(log_level("hyper=info"), LevelFilter::INFO);
+        assert_eq!(log_level("loud"), LevelFilter::INFO);
+        assert_eq!(log_level("off"), LevelFilter::OFF);
+    }
 }

@@ -20,6 +20,7 @@ use fallback_chat::App;
 use fallback_chat::clock::{Clock, ManualClock};
 use fallback_chat::config::Config;
 use fallback_chat::health::Fleet;
+use fallback_chat::net::{ExtraRoots, Http};
 
 const KEY: &str = "emulator-key";
 const TABLE: &str = "fallback-chat-health";
@@ -46,6 +47,11 @@ fn client(endpoint: &str) -> aws_sdk_dynamodb::Client {
         .region(Region::new("us-east-1"))
         .endpoint_url(endpoint)
         .credentials_provider(Credentials::new("testing", "testing", None, None, "test"))
+        .http_client(
+            Http::new(&ExtraRoots::default())
+                .expect("an HTTP client")
+                .for_aws(),
+        )
         .build();
     aws_sdk_dynamodb::Client::from_conf(config)
 }

@@ -17,6 +17,7 @@ use fallback_chat::config::Config;
 use fallback_chat::config::keys::resolve;
 use fallback_chat::error::ConfigError;
 use fallback_chat::http::auth::ClientKeys;
+use fallback_chat::net::{ExtraRoots, Http};
 
 const ENDPOINT: &str = "https://x.openai.azure.com";
 
@@ -136,7 +137,11 @@ async fn keys_held_in_secrets_manager_and_ssm_are_resolved_once_at_cold_start() 
     }
 
     // Fixtures, created through the same SDK.
-    let aws = aws_config::defaults(BehaviorVersion::latest()).load().await;
+    let http = Http::new(&ExtraRoots::default()).expect("an HTTP client");
+    let aws = aws_config::defaults(BehaviorVersion::latest())
+        .http_client(http.for_aws())
+        .load()
+        .await;
     let sm = aws_sdk_secretsmanager::Client::new(&aws);
     let ssm = aws_sdk_ssm::Client::new(&aws);
     let create = |name: &'static str, value: String| {
@@ -397,7 +402,7 @@ async fn keys_held_in_secrets_manager_and_ssm_are_resolved_once_at_cold_start() 
     for value in FETCHED {
         assert!(
             !logged.contains(value),
-            "a fetched value was logged: {value}"
+            "a fetched value was logged: {value}\n{logged}"
         );
     }
 

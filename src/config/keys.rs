@@ -218,6 +218,7 @@ pub async fn resolve(config: &mut Config) -> Result<(), ConfigError> {
         .operation_timeout(FETCH_TIMEOUT)
         .build();
     let aws = aws_config::defaults(BehaviorVersion::latest())
+        .http_client(config.http.for_aws())
         .timeout_config(timeouts)
         .load()
         .await;

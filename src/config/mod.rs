@@ -7,6 +7,7 @@ pub mod pool;
 use std::time::Duration;
 
 use crate::error::ConfigError;
+use crate::net::{ExtraRoots, Http};
 use crate::pool::Pool;
 use crate::secret::Secret;
 
@@ -79,6 +80,11 @@ pub struct Config {
     pub health_refresh: Duration,
     /// The longest any call to the shared health table may take.
     pub health_timeout: Duration,
+    /// CAs trusted beyond the compiled-in public roots (`EXTRA_CA_CERTS`, a PEM file).
+    pub extra_roots: ExtraRoots,
+    /// The one HTTP client (Azure, and AWS when keys or the health table live there), built
+    /// with those roots.
+    pub http: Http,
 }
 
 impl Config {
@@ -249,6 +255,16 @@ impl Config {
         }
         let max_query_chars = count(&get, "MAX_QUERY_CHARS", DEFAULT_MAX_QUERY_CHARS)?;
         let circuit_failures = count(&get, "CIRCUIT_FAILURES", DEFAULT_CIRCUIT_FAILURES as usize)?;
+        let extra_roots = match get("EXTRA_CA_CERTS") {
+            None => ExtraRoots::default(),
+            Some(path) => ExtraRoots::from_pem_file(std::path::Path::new(&path)).map_err(|e| {
+                ConfigError::Invalid {
+                    var: "EXTRA_CA_CERTS",
+                    reason: format!("{e}; expected a PEM file of CA certificates to trust beyond the public roots"),
+                }
+            })?,
+        };
+        let http = Http::new(&extra_roots).map_err(|e| ConfigError::HttpClient(Box::new(e)))?;
 
         Ok(Self {
             pool,
@@ -271,6 +287,8 @@ impl Config {
             health_table,
             health_refresh,
             health_timeout,
+            extra_roots,
+            http,
         })
     }
 }

@@ -14,6 +14,7 @@ use aws_sdk_dynamodb::operation::update_item::builders::UpdateItemFluentBuilder;
 use aws_sdk_dynamodb::types::{AttributeValue, ReturnValue};
 
 use super::shared::Shared;
+use crate::net::Http;
 
 /// The one item every environment reads.
 const ITEM: &str = "deployments";
@@ -58,9 +59,10 @@ pub enum Written {
 
 impl Fleet {
     /// A handle built from the Lambda environment (region, credentials, `AWS_ENDPOINT_URL`),
-    /// loaded only when a table is configured.
-    pub async fn connect(table: &str) -> Self {
+    /// loaded only when a table is configured, calling AWS over the environment's one client.
+    pub async fn connect(table: &str, http: &Http) -> Self {
         let aws = aws_config::defaults(aws_config::BehaviorVersion::latest())
+            .http_client(http.for_aws())
             // One quick retry at most: the caller's time limit is a few tens of milliseconds.
             .retry_config(aws_config::retry::RetryConfig::standard().with_max_attempts(2))
             .load()

@@ -10,10 +10,11 @@ use metrics_cloudwatch_embedded::Collector;
 use crate::attempt::{Answer, Attempt, Exhausted};
 use crate::clock::Clock;
 use crate::health::{Breaker, Fleet, HealthTable};
+use crate::net::Http;
 use crate::outcome::{ChatBody, Completion, ContentFilter};
 use crate::pool::{Pool, Route};
 use crate::telemetry;
-use crate::upstream::{BuildError, Upstream};
+use crate::upstream::Upstream;
 
 use super::link::{FleetLink, WARM_UP_LIMIT, Writes};
 
@@ -69,15 +70,16 @@ pub struct Engine<C: Clock> {
 }
 
 impl<C: Clock> Engine<C> {
-    /// Builds the HTTP client (connection pool, rustls) and the health table; `seed` seeds the
-    /// weighted random choice; `fleet` shares health with the rest of the fleet.
+    /// Prepares each deployment's calls over `http` and builds the health table; `seed` seeds
+    /// the weighted random choice; `fleet` shares health with the rest of the fleet.
     pub fn new(
         pool: Pool,
+        http: &Http,
         settings: Settings,
         clock: C,
         seed: u64,
         fleet: Option<Fleet>,
-    ) -> Result<Self, BuildError> {
+    ) -> Self {
         let fleet = fleet.map(|fleet| {
             let keys = pool
                 .deployments
@@ -91,8 +93,8 @@ impl<C: Clock> Engine<C> {
                 settings.health_timeout,
             )
         });
-        Ok(Self {
-            upstream: Upstream::new(&pool)?,
+        Self {
+            upstream: Upstream::new(&pool, http),
             health: HealthTable::new(pool.deployments.len(), settings.breaker, seed)
                 .with_max_open(settings.max_open),
             pool,
@@ -100,7 +102,7 @@ impl<C: Clock> Engine<C> {
             settings,
             fleet,
             metrics: OnceLock::new(),
-        })
+        }
     }
 
     /// Before the first request: what the fleet already knows (a new environment does not start

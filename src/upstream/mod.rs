@@ -12,6 +12,7 @@ use reqwest::{Client, RequestBuilder, Response};
 use serde_json::Value;
 
 use crate::clock::Clock;
+use crate::net::Http;
 use crate::outcome::{Called, ChatBody, Completion, Failure, Quota, Transient};
 use crate::pool::{ApiStyle, Pool};
 
@@ -20,32 +21,25 @@ use wire::{classify, quota};
 
 /// Where and how to call one deployment, prepared once at cold start.
 struct Target {
-    url: String,
+    /// Parsed once here: reqwest would otherwise parse the string again on every call. The
+    /// configuration has checked it; a URL that still does not parse fails its calls.
+    url: Option<reqwest::Url>,
     /// The deployment's name, sent as `model` to v1 servers (classic URLs carry it in the path).
     model: Option<String>,
     auth: Option<(HeaderName, HeaderValue)>,
 }
 
 /// The Azure OpenAI (and OpenAI-compatible) client for every deployment in the pool. Built once
-/// at cold start: one connection pool, rustls, keys turned into sensitive header values.
+/// at cold start over the environment's one client ([`Http`]), keys turned into sensitive header
+/// values.
 pub struct Upstream {
     client: Client,
     targets: Vec<Target>,
 }
 
-/// The HTTP client could not be built (TLS set-up failed).
-#[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct BuildError(#[from] reqwest::Error);
-
 impl Upstream {
-    pub fn new(pool: &Pool) -> Result<Self, BuildError> {
-        let client = Client::builder()
-            .user_agent(concat!("fallback-chat/", env!("CARGO_PKG_VERSION")))
-            .connect_timeout(Duration::from_secs(3))
-            .pool_idle_timeout(Duration::from_secs(50))
-            .tcp_nodelay(true)
-            .build()?;
+    pub fn new(pool: &Pool, http: &Http) -> Self {
+        let client = http.client().clone();
         let targets = pool
             .deployments
             .iter()
@@ -70,18 +64,19 @@ impl Upstream {
                         (header, v)
                     });
                 Target {
-                    url: d.url(),
+                    url: reqwest::Url::parse(&d.url()).ok(),
                     model,
                     auth,
                 }
             })
             .collect();
-        Ok(Self { client, targets })
+        Self { client, targets }
     }
 
     /// The POST for deployment `index`: URL, key, body (with `model` set for v1 servers).
     fn request(&self, index: usize, body: &ChatBody) -> Option<RequestBuilder> {
         let target = self.targets.get(index)?;
+        let url = target.url.clone()?;
         let bytes = match &target.model {
             Some(model) => {
                 let mut body = body.clone();
@@ -94,7 +89,7 @@ impl Upstream {
         .unwrap_or_default();
         let mut request = self
             .client
-            .post(&target.url)
+            .post(url)
             .header(CONTENT_TYPE, "application/json")
             .body(bytes);
         if let Some((name, value)) = &target.auth {
@@ -202,6 +197,19 @@ fn transport_failure(e: &reqwest::Error) -> Transient {
     if e.is_timeout() {
         Transient::Timeout
     } else if e.is_connect() {
+        // What failed (refused, DNS, a certificate) is the fix a user needs, so it is logged
+        // here, the one place that has it. The chain names the URL, never the key (a header).
+        let mut reason = e.to_string();
+        let mut source = std::error::Error::source(e);
+        while let Some(cause) = source {
+            reason.push_str(": ");
+            reason.push_str(&cause.to_string());
+            source = cause.source();
+        }
+        let hint = reason.contains("certificate").then_some(
+            "the server's certificate is not trusted; if a proxy or private CA signs it, name that CA's PEM file in EXTRA_CA_CERTS",
+        );
+        tracing::warn!(%reason, hint, "could not connect to a deployment");
         Transient::Connect
     } else {
         Transient::Reset

@@ -29,6 +29,7 @@ use azure_openai_emulator::{Behavior, Emulator, RetryAfter};
 use fallback_chat::App;
 use fallback_chat::config::Config;
 use fallback_chat::health::Fleet;
+use fallback_chat::net::{ExtraRoots, Http};
 use serde_json::{Value, json};
 
 const KEY: &str = "emulator-key";
@@ -86,6 +87,11 @@ fn client(endpoint: &str) -> aws_sdk_dynamodb::Client {
         .region(Region::new("us-east-1"))
         .endpoint_url(endpoint)
         .credentials_provider(Credentials::new("bench", "bench", None, None, "bench"))
+        .http_client(
+            Http::new(&ExtraRoots::default())
+                .expect("an HTTP client")
+                .for_aws(),
+        )
         .build();
     aws_sdk_dynamodb::Client::from_conf(config)
 }

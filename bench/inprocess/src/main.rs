@@ -30,6 +30,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use fallback_chat::App;
 use fallback_chat::config::Config;
+use fallback_chat::net::{ExtraRoots, Http};
 use fallback_chat::telemetry;
 use lambda_http::request::LambdaRequest;
 use lambda_http::{Adapter, Context, LambdaEvent, Request, Service, service_fn};
@@ -318,7 +319,7 @@ async fn run(args: Args) -> std::process::ExitCode {
         Mode::App => {
             // The function's logs as src/main.rs sets them up (JSON lines, with the harness's
             // AWS_LAMBDA_LOG_FORMAT=JSON), but to stderr: stdout carries the results.
-            lambda_http::tracing::init_default_subscriber_with_writer(std::io::stderr);
+            telemetry::init_logging(|name| std::env::var(name).ok(), std::io::stderr);
             let app = match Config::from_env().and_then(App::new) {
                 Ok(app) => app,
                 Err(error) => {
@@ -341,7 +342,12 @@ async fn run(args: Args) -> std::process::ExitCode {
             }
         }
         Mode::Direct => Target::Direct {
-            client: reqwest::Client::new(),
+            // The function's own client (HTTP/1.1, rustls, same pool settings): the floor differs
+            // from the function by the handler alone.
+            client: Http::new(&ExtraRoots::default())
+                .expect("an HTTP client")
+                .client()
+                .clone(),
             url: Arc::new(format!(
                 "{}/openai/deployments/{}/chat/completions?api-version={}",
                 args.endpoint.trim_end_matches('/'),

@@ -34,9 +34,34 @@
 //! `id`), a role chunk, one `chat.completion.chunk` per word of the answer, a finish chunk, a usage
 //! chunk if `stream_options.include_usage` is true, then `data: [DONE]`. Error behaviours answer
 //! streamed requests with the same JSON errors as others, before any event.
+//!
+//! HTTPS: [`EmulatorBuilder::tls`] serves the same routes, streams and faults over TLS, so a
+//! client's TLS path (cold start, the first request's handshake, trusting an extra CA) can be
+//! tested and measured on loopback. Each start generates a test CA ("fallback-chat test CA") and a
+//! certificate it signs for `localhost`, `127.0.0.1` and `::1`; nothing trusts that CA until the
+//! client is given [`Emulator::ca_pem`]. ALPN offers `http/1.1` only. The binary does the same
+//! with `--tls-ca-out PATH`, writing the CA's PEM to PATH before its `listening on https://…` line.
+//!
+//! ```no_run
+//! # async fn demo() -> std::io::Result<()> {
+//! use azure_openai_emulator::{Behavior, Emulator};
+//!
+//! let emu = Emulator::builder()
+//!     .deployment("gpt-4o", Behavior::Healthy)
+//!     .tls()
+//!     .start()
+//!     .await?;
+//! assert!(emu.url().starts_with("https://127.0.0.1:"));
+//! let ca_pem: &str = emu.ca_pem().expect("serving HTTPS");
+//! // Add `ca_pem` to the client's root store (e.g. rustls `RootCertStore::add`), then call
+//! // {emu.url()}/openai/deployments/gpt-4o/chat/completions?api-version=... as over HTTP.
+//! # let _ = ca_pem;
+//! # Ok(()) }
+//! ```
 
 mod behavior;
 mod server;
+mod tls;
 mod wire;
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
@@ -67,6 +92,8 @@ pub struct RecordedRequest {
 /// point on a current-thread one).
 pub struct Emulator {
     addr: SocketAddr,
+    /// The test CA's certificate in PEM when serving HTTPS.
+    ca_pem: Option<String>,
     shared: Arc<Shared>,
     task: JoinHandle<()>,
 }
@@ -80,12 +107,25 @@ impl Emulator {
             models: Vec::new(),
             bind: SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
             log_calls: false,
+            tls: false,
         }
     }
 
-    /// The base URL, `http://127.0.0.1:PORT` (no trailing slash).
+    /// The base URL, `http://127.0.0.1:PORT`, or `https://127.0.0.1:PORT` when serving HTTPS
+    /// ([`EmulatorBuilder::tls`]); no trailing slash.
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        let scheme = if self.ca_pem.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        format!("{scheme}://{}", self.addr)
+    }
+
+    /// The test CA's certificate in PEM when serving HTTPS ([`EmulatorBuilder::tls`]), for the
+    /// client to trust; `None` when serving plain HTTP.
+    pub fn ca_pem(&self) -> Option<&str> {
+        self.ca_pem.as_deref()
     }
 
     /// The address the server listens on.
@@ -178,6 +218,7 @@ impl std::fmt::Debug for Emulator {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Emulator")
             .field("addr", &self.addr)
+            .field("tls", &self.ca_pem.is_some())
             .finish_non_exhaustive()
     }
 }
@@ -190,6 +231,7 @@ pub struct EmulatorBuilder {
     models: Vec<(String, String)>,
     bind: SocketAddr,
     log_calls: bool,
+    tls: bool,
 }
 
 impl EmulatorBuilder {
@@ -224,8 +266,18 @@ impl EmulatorBuilder {
         self
     }
 
+    /// Serves HTTPS instead of HTTP, with a certificate for `localhost`, `127.0.0.1` and `::1`
+    /// signed by a test CA generated at [`EmulatorBuilder::start`]: trust
+    /// [`Emulator::ca_pem`] in the client. ALPN offers `http/1.1` only. Off by default.
+    pub fn tls(mut self) -> Self {
+        self.tls = true;
+        self
+    }
+
     /// Binds the listener and starts serving on the current tokio runtime.
     pub async fn start(self) -> std::io::Result<Emulator> {
+        // Generated before binding, so a failure leaves no listener behind.
+        let tls = self.tls.then(tls::TestTls::generate).transpose()?;
         let listener = TcpListener::bind(self.bind).await?;
         let addr = listener.local_addr()?;
         let mut state = StateInner::default();
@@ -240,11 +292,21 @@ impl EmulatorBuilder {
             log_calls: self.log_calls,
             state: Mutex::new(state),
         });
+        let (ca_pem, acceptor) = match tls {
+            Some(tls) => (Some(tls.ca_pem), Some(tls.acceptor)),
+            None => (None, None),
+        };
         let task = tokio::spawn(server::accept_loop(
             listener,
             server::router(shared.clone()),
+            acceptor,
         ));
-        Ok(Emulator { addr, shared, task })
+        Ok(Emulator {
+            addr,
+            ca_pem,
+            shared,
+            task,
+        })
     }
 }
 

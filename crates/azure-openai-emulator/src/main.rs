@@ -2,6 +2,7 @@
 
 use std::io::Write;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -9,9 +10,12 @@ use azure_openai_emulator::{Behavior, Emulator};
 
 const USAGE: &str = "usage: azure-openai-emulator [--host 127.0.0.1] [--port 8080] [--api-key KEY]
                              [--deployment NAME=BEHAVIOR]... [--latency-ms N] [--chunk-delay-ms N]
-                             [--exit-after SECS]
+                             [--exit-after SECS] [--tls-ca-out PATH]
   defaults: --deployment gpt-4o=healthy --deployment gpt-35-turbo=healthy, key emulator-key
   --chunk-delay-ms: pause between the events of streamed (\"stream\": true) answers, default 0
+  --tls-ca-out: serve HTTPS (certificate for localhost, 127.0.0.1, ::1; ALPN http/1.1) signed by
+            a test CA generated at start, whose certificate is written to PATH in PEM before
+            the listening line; trust it in the client
   BEHAVIOR: healthy, throttled, throttled:<secs>, throttled-ms:<ms>, throttled-date:<secs>,
             throttled-reset:<secs>, throttled-reset-tokens:<secs>, throttled-none, 500|server-error,
             503|unavailable, 503:<secs>, 408|timeout, hang, reset, content-filter, context-length,
@@ -38,6 +42,7 @@ struct Args {
     latency: Duration,
     chunk_delay: Duration,
     exit_after: Option<Duration>,
+    tls_ca_out: Option<PathBuf>,
 }
 
 fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Option<Args>, String> {
@@ -49,6 +54,7 @@ fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Option<Args>, St
         latency: Duration::ZERO,
         chunk_delay: Duration::ZERO,
         exit_after: None,
+        tls_ca_out: None,
     };
     while let Some(flag) = args.next() {
         if flag == "-h" || flag == "--help" {
@@ -82,6 +88,8 @@ fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Option<Args>, St
             "--latency-ms" => out.latency = Duration::from_millis(number(&value)?),
             "--chunk-delay-ms" => out.chunk_delay = Duration::from_millis(number(&value)?),
             "--exit-after" => out.exit_after = Some(Duration::from_secs(number(&value)?)),
+            "--tls-ca-out" if value.is_empty() => return Err("--tls-ca-out: empty path".into()),
+            "--tls-ca-out" => out.tls_ca_out = Some(PathBuf::from(value)),
             _ => return Err(format!("unknown option {flag:?}")),
         }
     }
@@ -112,6 +120,9 @@ async fn main() -> ExitCode {
         .api_key(args.api_key)
         .bind(SocketAddr::new(args.host, args.port))
         .log_calls(true);
+    if args.tls_ca_out.is_some() {
+        builder = builder.tls();
+    }
     for (name, behavior) in &args.deployments {
         builder = builder.deployment(name.clone(), behavior.clone());
     }
@@ -128,6 +139,16 @@ async fn main() -> ExitCode {
     for (name, _) in &args.deployments {
         emulator.set_latency(name, args.latency);
         emulator.set_chunk_delay(name, args.chunk_delay);
+    }
+    // Written before the listening line, so a script that waits for the line can read the file.
+    if let (Some(path), Some(pem)) = (&args.tls_ca_out, emulator.ca_pem()) {
+        if let Err(e) = std::fs::write(path, pem) {
+            eprintln!(
+                "azure-openai-emulator: cannot write the test CA to {}: {e}",
+                path.display()
+            );
+            return ExitCode::FAILURE;
+        }
     }
 
     let listed: Vec<String> = args
@@ -200,6 +221,8 @@ mod tests {
             "7",
             "--exit-after",
             "3",
+            "--tls-ca-out",
+            "ca.pem",
         ])
         .ok()
         .flatten()
@@ -207,6 +230,11 @@ mod tests {
         assert_eq!(args.port, 9000);
         assert_eq!(args.deployments, [("a".to_owned(), Behavior::Hang)]);
         assert_eq!(args.chunk_delay, Duration::from_millis(7));
+        assert_eq!(args.tls_ca_out, Some(PathBuf::from("ca.pem")));
+        assert_eq!(
+            parse(&[]).ok().flatten().expect("defaults").tls_ca_out,
+            None
+        );
         assert_eq!(
             (args.latency, args.exit_after),
             (Duration::from_millis(5), Some(Duration::from_secs(3)))
@@ -222,6 +250,8 @@ mod tests {
             &["--bogus", "1"],
             &["--deployment", "a=nope"],
             &["--deployment", "=hang"],
+            &["--tls-ca-out"],
+            &["--tls-ca-out", ""],
         ] {
             assert!(parse(bad).is_err(), "{bad:?}");
         }

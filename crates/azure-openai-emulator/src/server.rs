@@ -1,4 +1,5 @@
-//! The accept loop, per-connection serving (with abrupt reset) and the chat-completions handlers.
+//! The accept loop, per-connection serving (TLS handshake when on, abrupt reset) and the
+//! chat-completions handlers.
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
@@ -17,9 +18,11 @@ use axum::routing::post;
 use hyper::body::{Frame, Incoming};
 use hyper_util::rt::TokioIo;
 use serde_json::Value;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Notify, mpsc};
 use tokio::task::JoinSet;
+use tokio_rustls::TlsAcceptor;
 use tower_service::Service;
 
 use crate::behavior::Behavior;
@@ -41,14 +44,20 @@ pub(crate) fn router(shared: Arc<Shared>) -> Router {
         .with_state(shared)
 }
 
+/// How long a client has to complete the TLS handshake, so a connection that never does (a port
+/// probe, a client speaking plain HTTP and waiting) does not hold a task until the emulator stops.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Accepts connections until the task is aborted; the JoinSet aborts every connection when dropped.
-pub(crate) async fn accept_loop(listener: TcpListener, router: Router) {
+/// With `tls`, each connection's handshake runs in its own task, so a slow or failed handshake
+/// never delays the loop or other connections.
+pub(crate) async fn accept_loop(listener: TcpListener, router: Router, tls: Option<TlsAcceptor>) {
     let mut conns = JoinSet::new();
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => {
-                    conns.spawn(serve_connection(stream, router.clone()));
+                    conns.spawn(serve_connection(stream, router.clone(), tls.clone()));
                 }
                 // e.g. EMFILE: back off instead of spinning
                 Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
@@ -58,9 +67,10 @@ pub(crate) async fn accept_loop(listener: TcpListener, router: Router) {
     }
 }
 
-async fn serve_connection(stream: TcpStream, router: Router) {
+async fn serve_connection(stream: TcpStream, router: Router, tls: Option<TlsAcceptor>) {
     let _ = stream.set_nodelay(true);
-    // A second handle on the same socket, so SO_LINGER can be set after hyper owns the stream.
+    // A second handle on the same socket, so SO_LINGER can be set after hyper (or TLS) owns the
+    // stream.
     let Ok(std_stream) = stream.into_std() else {
         return;
     };
@@ -70,7 +80,24 @@ async fn serve_connection(stream: TcpStream, router: Router) {
     let Ok(stream) = TcpStream::from_std(std_stream) else {
         return;
     };
+    match tls {
+        None => serve_http(stream, router, &guard).await,
+        Some(acceptor) => {
+            // A failed or timed-out handshake drops this connection only.
+            let handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream));
+            if let Ok(Ok(stream)) = handshake.await {
+                serve_http(stream, router, &guard).await;
+            }
+        }
+    }
+}
 
+/// Serves HTTP/1.1 on `io` (the TCP stream, or the TLS stream over it) until the connection ends
+/// or a handler asks for a reset, which `guard`, a handle on the same socket, turns into an RST.
+async fn serve_http<I>(io: I, router: Router, guard: &std::net::TcpStream)
+where
+    I: AsyncRead + AsyncWrite + Unpin,
+{
     let kill = Arc::new(Notify::new());
     let handle = ConnHandle(kill.clone());
     let service = hyper::service::service_fn(move |mut req: Request<Incoming>| {
@@ -78,12 +105,13 @@ async fn serve_connection(stream: TcpStream, router: Router) {
         router.clone().call(req)
     });
     let conn =
-        hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service);
+        hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(io), service);
     tokio::select! {
         _ = conn => {}
         _ = kill.notified() => {
-            // Linger 0 turns the close into an RST; the connection (hyper's fd) is dropped here, `guard` just after.
-            let _ = socket2::SockRef::from(&guard).set_linger(Some(Duration::ZERO));
+            // Linger 0 turns the close into an RST; the connection (hyper's fd) is dropped here,
+            // `guard` when the caller returns. Under TLS too: no close_notify, just the RST.
+            let _ = socket2::SockRef::from(guard).set_linger(Some(Duration::ZERO));
         }
     }
 }

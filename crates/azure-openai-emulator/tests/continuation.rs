@@ -1,5 +1,7 @@
 //! Continuing a partial answer, as a deployment asked to rescue a cut stream sees it.
 
+mod common;
+
 use azure_openai_emulator::{Behavior, Emulator};
 use serde_json::{Value, json};
 
@@ -17,7 +19,7 @@ async fn start(b: Behavior) -> Emulator {
 
 /// Asks deployment `b` with `messages`: (status, the answer's text or the error's message).
 async fn ask(emu: &Emulator, messages: Value) -> (u16, String) {
-    let response = reqwest::Client::new()
+    let response = common::client()
         .post(format!(
             "{}/openai/deployments/b/chat/completions?api-version=2024-10-21",
             emu.url()
@@ -109,7 +111,7 @@ async fn refusing_modes_answer_400_and_only_to_what_they_refuse() {
 #[tokio::test]
 async fn content_policy_is_refused_the_openai_way() {
     let emu = start(Behavior::ContentPolicy).await;
-    let response = reqwest::Client::new()
+    let response = common::client()
         .post(format!("{}/openai/v1/chat/completions", emu.url()))
         .header("authorization", format!("Bearer {}", emu.api_key()))
         .json(&json!({"model": "b", "messages": [user(QUESTION)]}))

@@ -1,5 +1,7 @@
 //! Real HTTP against a started emulator.
 
+mod common;
+
 use std::time::{Duration, Instant, SystemTime};
 
 use azure_openai_emulator::{Behavior, Emulator, RetryAfter};
@@ -23,7 +25,7 @@ fn classic_url(emu: &Emulator, deployment: &str) -> String {
 }
 
 async fn post(emu: &Emulator, deployment: &str) -> reqwest::Response {
-    reqwest::Client::new()
+    common::client()
         .post(classic_url(emu, deployment))
         .header("api-key", emu.api_key())
         .json(&chat_body("hello there"))
@@ -211,7 +213,7 @@ async fn wrong_or_missing_key_is_401_and_still_counted() {
         .await
         .expect("starts");
     assert_eq!(emu.api_key(), "secret");
-    let client = reqwest::Client::new();
+    let client = common::client();
     for key in [Some("wrong"), None] {
         let mut req = client
             .post(classic_url(&emu, "gpt-4o"))
@@ -247,7 +249,7 @@ async fn wrong_or_missing_key_is_401_and_still_counted() {
 #[tokio::test]
 async fn missing_api_version_is_resource_not_found() {
     let emu = start(&[("gpt-4o", Behavior::Healthy)]).await;
-    let resp = reqwest::Client::new()
+    let resp = common::client()
         .post(format!(
             "{}/openai/deployments/gpt-4o/chat/completions",
             emu.url()
@@ -290,7 +292,7 @@ async fn unknown_deployment_is_deployment_not_found() {
 #[tokio::test]
 async fn v1_route_takes_the_deployment_from_model() {
     let emu = start(&[("gpt-4o", Behavior::Healthy)]).await;
-    let client = reqwest::Client::new();
+    let client = common::client();
     let url = format!("{}/openai/v1/chat/completions", emu.url());
     let mut body = chat_body("via v1");
     body["model"] = json!("gpt-4o");
@@ -343,7 +345,7 @@ async fn v1_route_takes_the_deployment_from_model() {
 #[tokio::test]
 async fn body_without_messages_is_400_openai_style() {
     let emu = start(&[("gpt-4o", Behavior::Healthy)]).await;
-    let client = reqwest::Client::new();
+    let client = common::client();
     for body in [
         "not json",
         r#"{"prompt":"hi"}"#,
@@ -482,7 +484,7 @@ async fn scripted_errors_use_azure_envelopes() {
 #[tokio::test]
 async fn reset_connection_gives_the_client_an_error_not_a_response() {
     let emu = start(&[("gpt-4o", Behavior::ResetConnection)]).await;
-    let err = reqwest::Client::new()
+    let err = common::client()
         .post(classic_url(&emu, "gpt-4o"))
         .header("api-key", emu.api_key())
         .json(&chat_body("hi"))
@@ -525,7 +527,7 @@ async fn reset_connection_gives_the_client_an_error_not_a_response() {
 async fn hang_is_counted_does_not_block_others_and_ends_with_the_emulator() {
     let emu = start(&[("stuck", Behavior::Hang), ("ok", Behavior::Healthy)]).await;
     let hung = tokio::spawn(
-        reqwest::Client::new()
+        common::client()
             .post(classic_url(&emu, "stuck"))
             .header("api-key", emu.api_key())
             .json(&chat_body("anyone?"))
@@ -695,7 +697,7 @@ async fn binary_prints_its_url_serves_logs_and_exits() {
         "(deployments: gpt-4o=throttled:7, gpt-35-turbo=healthy)"
     );
 
-    let client = reqwest::Client::new();
+    let client = common::client();
     for (deployment, status) in [("gpt-4o", 429), ("gpt-35-turbo", 200)] {
         let resp = client
             .post(format!(

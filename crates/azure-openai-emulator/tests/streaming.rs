@@ -1,5 +1,7 @@
 //! Streamed (`"stream": true`) answers over real HTTP, and the stream failure behaviours.
 
+mod common;
+
 use std::time::{Duration, Instant};
 
 use azure_openai_emulator::{Behavior, Emulator, RetryAfter};
@@ -32,7 +34,7 @@ async fn start(behavior: Behavior) -> Emulator {
 }
 
 async fn send(emu: &Emulator, deployment: &str, body: &Value) -> reqwest::Response {
-    reqwest::Client::new()
+    common::client()
         .post(format!(
             "{}/openai/deployments/{deployment}/chat/completions?api-version=2024-10-21",
             emu.url()
@@ -453,7 +455,7 @@ async fn error_behaviours_answer_stream_requests_with_json_errors() {
     }
 
     emu.push("d", Behavior::ResetConnection);
-    let client = reqwest::Client::new();
+    let client = common::client();
     let url = format!(
         "{}/openai/deployments/d/chat/completions?api-version=v",
         emu.url()
