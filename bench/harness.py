@@ -16,7 +16,6 @@ import asyncio
 import atexit
 import datetime as dt
 import json
-import math
 import os
 import platform
 import shutil
@@ -629,13 +628,8 @@ def group_rss(running):
 # Statistics
 
 
-def percentile(values, q):
-    xs = sorted(values)
-    if not xs:
-        return None
-    k = (len(xs) - 1) * q
-    lo, hi = math.floor(k), math.ceil(k)
-    return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
+# One definition of a percentile for every figure (bench/coldstart.py's, linear between ranks).
+from coldstart import percentile  # noqa: E402  (bench/ is this script's directory)
 
 
 def summarize(results, elapsed, calls=None, ok_status=200):

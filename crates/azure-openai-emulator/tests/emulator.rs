@@ -666,32 +666,20 @@ fn behavior_from_str_round_trips() {
 
 #[tokio::test]
 async fn binary_prints_its_url_serves_logs_and_exits() {
-    use tokio::io::AsyncBufReadExt;
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_azure-openai-emulator"))
-        .args([
-            "--port",
-            "0",
-            "--deployment",
-            "gpt-4o=throttled:7",
-            "--deployment",
-            "gpt-35-turbo",
-        ])
-        .args(["--api-key", "k", "--exit-after", "2"])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("binary runs");
-    let stdout = child.stdout.take().expect("stdout");
-    let mut line = String::new();
-    tokio::io::BufReader::new(stdout)
-        .read_line(&mut line)
-        .await
-        .expect("a line");
-    let rest = line
-        .strip_prefix("azure-openai-emulator listening on ")
-        .expect(&line);
-    let (url, deployments) = rest.split_once(' ').expect(&line);
+    let args = [
+        "--port",
+        "0",
+        "--deployment",
+        "gpt-4o=throttled:7",
+        "--deployment",
+        "gpt-35-turbo",
+        "--api-key",
+        "k",
+        "--exit-after",
+        "2",
+    ];
+    let args: Vec<&std::ffi::OsStr> = args.iter().map(|a| a.as_ref()).collect();
+    let (child, url, deployments) = common::start_binary(&args).await;
     assert_eq!(
         deployments.trim_end(),
         "(deployments: gpt-4o=throttled:7, gpt-35-turbo=healthy)"

@@ -251,31 +251,23 @@ async fn the_certificate_names_the_loopback_host_and_alpn_picks_http11() {
 
 #[tokio::test]
 async fn the_binary_writes_its_ca_with_tls_ca_out_and_serves_https() {
-    use tokio::io::AsyncBufReadExt;
     let path = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"))
         .join(format!("emulator-test-ca-{}.pem", std::process::id()));
     let _ = std::fs::remove_file(&path);
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_azure-openai-emulator"))
-        .args(["--host", "127.0.0.1", "--port", "0", "--deployment", "d"])
-        .arg("--tls-ca-out")
-        .arg(&path)
-        .args(["--exit-after", "2"])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("binary runs");
-    let stdout = child.stdout.take().expect("stdout");
-    let mut line = String::new();
-    tokio::io::BufReader::new(stdout)
-        .read_line(&mut line)
-        .await
-        .expect("a line");
-    let rest = line
-        .strip_prefix("azure-openai-emulator listening on ")
-        .expect(&line);
-    let (url, _) = rest.split_once(' ').expect(&line);
-    assert!(url.starts_with("https://127.0.0.1:"), "{line}");
+    let (child, url, line) = common::start_binary(&[
+        "--host".as_ref(),
+        "127.0.0.1".as_ref(),
+        "--port".as_ref(),
+        "0".as_ref(),
+        "--deployment".as_ref(),
+        "d".as_ref(),
+        "--tls-ca-out".as_ref(),
+        path.as_os_str(),
+        "--exit-after".as_ref(),
+        "2".as_ref(),
+    ])
+    .await;
+    assert!(url.starts_with("https://127.0.0.1:"), "{url} {line}");
 
     // Written before the line was printed.
     let pem = std::fs::read_to_string(&path).expect("the CA file");
@@ -283,7 +275,7 @@ async fn the_binary_writes_its_ca_with_tls_ca_out_and_serves_https() {
     let mut roots = RootCertStore::empty();
     roots.add(der).expect("parses as a CA certificate");
     assert_eq!(
-        answer(&common::trusting(&pem), url).await,
+        answer(&common::trusting(&pem), &url).await,
         format!("[d] You said: {TEXT}")
     );
 

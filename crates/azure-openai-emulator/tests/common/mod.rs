@@ -48,3 +48,27 @@ fn with_tls(config: rustls::ClientConfig) -> reqwest::Client {
         .build()
         .expect("client builds")
 }
+
+/// The emulator binary started with `args`, once it has printed its first line: the child
+/// (killed when dropped), and what that line says after "listening on ": the URL and the rest.
+pub async fn start_binary(args: &[&std::ffi::OsStr]) -> (tokio::process::Child, String, String) {
+    use tokio::io::AsyncBufReadExt;
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_azure-openai-emulator"))
+        .args(args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("binary runs");
+    let stdout = child.stdout.take().expect("stdout");
+    let mut line = String::new();
+    tokio::io::BufReader::new(stdout)
+        .read_line(&mut line)
+        .await
+        .expect("a line");
+    let rest = line
+        .strip_prefix("azure-openai-emulator listening on ")
+        .expect(&line);
+    let (url, rest) = rest.split_once(' ').expect(&line);
+    (child, url.to_owned(), rest.to_owned())
+}
