@@ -34,7 +34,9 @@ where
         .with_writer(writer);
     // Another subscriber already set (a test harness) keeps its place.
     let _ = if json {
-        logs.json().try_init()
+        // The invocation's span (with its requestId) once, as "span": the list of enclosing
+        // spans would repeat it on every line, in CloudWatch's bytes and the handler's time.
+        logs.json().with_span_list(false).try_init()
     } else {
         logs.try_init()
     };

@@ -100,10 +100,10 @@ impl<C: Clock> App<C> {
     /// URLs need it; a requested stream is sent complete, as `text/event-stream`.
     pub async fn handle_buffered(self: &Arc<Self>, request: Request) -> Response<Body> {
         let (parts, reply) = self.answer(request, Delivery::Buffered).await.into_parts();
-        let bytes = reply.collect().await;
-        let body = match String::from_utf8(bytes.to_vec()) {
+        // Bytes to Vec reuses the buffer when it is the only owner, as a collected body is.
+        let body = match String::from_utf8(Vec::from(reply.collect().await)) {
             Ok(text) => Body::Text(text),
-            Err(_) => Body::Binary(bytes.to_vec()),
+            Err(error) => Body::Binary(error.into_bytes()),
         };
         Response::from_parts(parts, body)
     }

@@ -4,6 +4,7 @@
 //! client built the default way panics for want of a process-wide crypto provider, even for
 //! `http://` URLs. These build theirs with ring explicitly and install no default, as the
 //! emulator does, so the TLS tests also show that none is needed.
+#![allow(dead_code)] // each test binary uses its own part of it
 
 use std::sync::Arc;
 
