@@ -31,7 +31,7 @@ give it a bundle of them and the test CA instead, and the directory, e.g.
         AZURE_OPENAI_API_KEY=emulator-key CLIENT_API_KEYS=fc-example-client-key-0000 \\
         SSL_CERT_FILE=/tmp/bundle.pem SSL_CERT_DIR=/etc/ssl/certs
 
-(not both sets at once: SSL_CERT_FILE changes which roots the new binary loads too).
+(the current binary ignores SSL_CERT_FILE: its roots are compiled in, plus EXTRA_CA_CERTS).
 """
 
 import atexit
@@ -443,16 +443,9 @@ FIGURES = ("first_poll_ms", "cpu_to_first_poll_ms", "first_response_ms", "cpu_fi
            "warm_response_ms", "cpu_warm_invocation_ms", "peak_rss_kib")
 
 
-def measure(binary, runs, env, cgroup=None):
-    """`runs` cold starts of `binary` (in `cgroup`, a CpuCgroup, if given): the median of each
-    figure, the p90 of the time to first poll, the runs themselves, the binary's size."""
-    before = cgroup.throttling() if cgroup else None
-    with tempfile.NamedTemporaryFile(prefix="coldstart-", suffix=".log", delete=False) as log:
-        output = log.name
-    try:
-        results = [one_run(binary, env, cgroup, output) for _ in range(runs)]
-    finally:
-        os.unlink(output)
+def summarize(binary, results):
+    """The median of each figure over `results` (runs of `binary`), the p90 of the time to first
+    poll, the statuses, the binary's size, and the runs themselves."""
     summary = {}
     for key in FIGURES:
         values = [r[key] for r in results if r[key] is not None]
@@ -460,15 +453,42 @@ def measure(binary, runs, env, cgroup=None):
     summary["first_poll_p90_ms"] = round(percentile([r["first_poll_ms"] for r in results], 0.9), 2)
     summary["statuses"] = sorted({r["status"] for r in results}, key=str)
     summary["warm_statuses"] = sorted({r["warm_status"] for r in results}, key=str)
-    summary["runs"] = runs
+    summary["runs"] = len(results)
     summary["binary_bytes"] = os.path.getsize(binary)
     summary["cpu_clock"] = CPU_CLOCK
-    if cgroup:
-        after = cgroup.throttling()
-        summary["cpu_quota"] = dict(cgroup.describe(),
-                                    **{k: round(after[k] - before.get(k, 0), 1) for k in after})
     summary["all"] = results
     return summary
+
+
+def measure(binary, runs, env, cgroup=None):
+    """`runs` cold starts of `binary` (in `cgroup`, a CpuCgroup, if given): see `summarize`, and
+    what the quota did meanwhile."""
+    return measure_interleaved([("only", binary, env)], runs, cgroup)["only"]
+
+
+def measure_interleaved(cells, runs, cgroup=None):
+    """`runs` cold starts of each (key, binary, env) in `cells`, taken in turns (one of each, then
+    again), so a machine whose speed drifts (a shared host) weighs on every cell alike; a summary
+    per key. With a cgroup, what its quota did over all of them is in each summary's `cpu_quota`
+    (the same figures: the cells shared the time)."""
+    before = cgroup.throttling() if cgroup else None
+    with tempfile.NamedTemporaryFile(prefix="coldstart-", suffix=".log", delete=False) as log:
+        output = log.name
+    results = {key: [] for key, _, _ in cells}
+    try:
+        for _ in range(runs):
+            for key, binary, env in cells:
+                results[key].append(one_run(binary, env, cgroup, output))
+    finally:
+        os.unlink(output)
+    summaries = {key: summarize(binary, results[key]) for key, binary, _ in cells}
+    if cgroup:
+        after = cgroup.throttling()
+        quota = dict(cgroup.describe(), **{k: round(after[k] - before.get(k, 0), 1) for k in after},
+                     shared_by=len(cells))
+        for summary in summaries.values():
+            summary["cpu_quota"] = quota
+    return summaries
 
 
 def main():

@@ -72,7 +72,9 @@ S2_FLOOR_SECONDS = knob("BENCH_S2_FLOOR_SECONDS", 10.0)  # per floor (direct cal
 S2_RATE = knob("BENCH_S2_RATE", 20.0)  # requests per second at most, one at a time
 S3_REQUESTS = knob("BENCH_S3_REQUESTS", 50, int)
 S3_SECONDS = knob("BENCH_S3_SECONDS", 20.0)
-COLD_RUNS = knob("BENCH_COLD_RUNS", 20, int)  # per binary, upstream and CPU condition (6 rows)
+COLD_RUNS = knob("BENCH_COLD_RUNS", 50, int)  # per binary, upstream and CPU condition (6 rows)
+QUOTA_REQUESTS = knob("BENCH_QUOTA_REQUESTS", 400, int)  # per turn, scenario 1 under the CPU quota
+QUOTA_ROUNDS = knob("BENCH_QUOTA_ROUNDS", 3, int)
 FLEET_ENVIRONMENTS = knob("BENCH_FLEET_ENVIRONMENTS", 16, int)
 FLEET_RATE = knob("BENCH_FLEET_RATE", 2.0)  # requests per second per environment
 SKIP_ARM64 = os.environ.get("BENCH_SKIP_ARM64", "") not in ("", "0")
@@ -375,7 +377,7 @@ def http_load(url, headers, body, concurrency, count, seconds, rate=0.0, warmup=
     return asyncio.run(_http_load(url, headers, body, concurrency, count, seconds, rate, warmup))
 
 
-def inprocess_load(mode, emulator, deployment, concurrency, count, seconds, rate, warmup, log):
+def inprocess_load(mode, emulator, deployment, concurrency, count, seconds, rate, warmup, log, preexec=None):
     """Runs bench/inprocess (the in-process driver) once; returns (results, seconds, peak RSS KiB of the driver)."""
     env = dict(os.environ, **function_env(emulator))
     argv = ["timeout", "-k", "5", str(int(seconds + 180)), TARGET / "release/inprocess",
@@ -385,7 +387,7 @@ def inprocess_load(mode, emulator, deployment, concurrency, count, seconds, rate
             "--api-key", EMULATOR_KEY, "--client-key", CLIENT_KEY]
     with open(log, "ab") as err:
         done = subprocess.run([str(a) for a in argv], env=env, stdout=subprocess.PIPE, stderr=err,
-                              stdin=subprocess.DEVNULL, start_new_session=True)
+                              stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=preexec)
     results, summary = [], None
     for line in done.stdout.decode(errors="replace").splitlines():
         if not line.startswith("{"):
@@ -725,6 +727,53 @@ def scenario1(report):
             emulator.stop()
 
 
+def scenario1_quota(report):
+    """Scenario 1's in-process figures at Lambda's 128 MB CPU share: bench/inprocess (direct calls,
+    then the real handler, in turns) in a cgroup with the cold-start section's quota, the emulator
+    outside it. Under a quota a median says little (most requests fit in the running slice, the
+    rest wait for the next period), so the mean is reported with the CPU time per request."""
+    import resource
+
+    sys.path.insert(0, str(BENCH))
+    import coldstart as cs
+
+    quota_us, period_us = cs.LAMBDA_128MB
+    out = report["s1_quota"] = {"requests": QUOTA_REQUESTS, "rounds": QUOTA_ROUNDS, "rows": {}}
+    try:
+        cgroup = cs.CpuCgroup.make(quota_us, period_us)
+    except cs.NoCgroup as error:
+        out["error"] = f"no cgroup for a CPU quota could be made: {error}"
+        return
+    out["cpu_quota"] = cgroup.describe()
+    emulator = Emulator("s1-quota", {d: "healthy" for d in DEPLOYMENTS})
+    try:
+        runs = {"direct": [], "app": []}
+        for turn in range(QUOTA_ROUNDS):
+            for mode in ("direct", "app"):
+                log(f"  scenario 1 under the CPU quota: {mode}, turn {turn + 1}")
+                before = resource.getrusage(resource.RUSAGE_CHILDREN)
+                results, _, _ = inprocess_load(mode, emulator, "gpt-4o", 1, QUOTA_REQUESTS, 300, 0, 20,
+                                               LOGS / f"inprocess-quota-{mode}.log", preexec=cgroup.enter)
+                after = resource.getrusage(resource.RUSAGE_CHILDREN)
+                cpu_s = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
+                ok = [r["ms"] for r in results if r["status"] == 200]
+                runs[mode].append({"ms": ok, "n": len(results), "cpu_s": cpu_s})
+        for mode, turns in runs.items():
+            ms_all = [m for t in turns for m in t["ms"]]
+            n = sum(t["n"] for t in turns)
+            out["rows"][mode] = {
+                "n": n, "answered": len(ms_all),
+                "mean": sum(ms_all) / len(ms_all) if ms_all else None,
+                "p50": percentile(ms_all, 0.5), "p90": percentile(ms_all, 0.9), "p99": percentile(ms_all, 0.99),
+                # The process's whole CPU time (start-up and warm-up included) over its requests.
+                "cpu_us_per_request": round(sum(t["cpu_s"] for t in turns) * 1e6 / max(1, n + 20 * len(turns)), 1),
+            }
+        out["throttling"] = cgroup.throttling()
+    finally:
+        emulator.stop()
+        cgroup.remove()
+
+
 def fleet(report):
     """The fleet scenario: bench/fleet drives many in-process execution environments, once
     learning alone and once sharing health through a DynamoDB table in moto's server, and
@@ -868,19 +917,21 @@ def coldstart(report):
         for condition, group in (("full", None), ("quota", cgroup)):
             if condition == "quota" and group is None:
                 continue
-            for key, binary, env in cells:
+            for key, _, env in cells:
                 if env is None:
                     cold[condition][key] = {"error": f"not measured: {cold['https_error']}"}
-                    continue
-                log(f"  cold start: {key} x{COLD_RUNS}, "
-                    + ("full core" if group is None else f"CPU quota {quota_us}/{period_us} µs (cgroup {group.version})"))
-                try:
-                    if not binary.exists():
-                        raise RuntimeError(f"{rel(binary)} was not built")
-                    result = cs.measure(str(binary), COLD_RUNS, env, group)
+            ready = [(key, binary, env) for key, binary, env in cells if env is not None]
+            missing = [rel(binary) for _, binary, _ in ready if not binary.exists()]
+            log(f"  cold start: {', '.join(k for k, _, _ in ready)} in turns x{COLD_RUNS}, "
+                + ("full core" if group is None else f"CPU quota {quota_us}/{period_us} µs (cgroup {group.version})"))
+            try:
+                if missing:
+                    raise RuntimeError(f"{', '.join(missing)} not built")
+                for key, result in cs.measure_interleaved(ready, COLD_RUNS, group).items():
                     result.pop("all")
                     cold[condition][key] = result
-                except Exception as error:
+            except Exception as error:
+                for key, _, _ in ready:
                     cold[condition][key] = {"error": str(error)}
     finally:
         for emulator in emulators.values():
@@ -1051,7 +1102,8 @@ def main():
               "knobs": {"S1_SECONDS": S1_SECONDS, "S1_REQUESTS": S1_REQUESTS, "S1_WARMUP": S1_WARMUP,
                         "S2_SECONDS": S2_SECONDS, "S2_FLOOR_SECONDS": S2_FLOOR_SECONDS,
                         "S2_RATE": S2_RATE, "S3_REQUESTS": S3_REQUESTS, "S3_SECONDS": S3_SECONDS,
-                        "COLD_RUNS": COLD_RUNS, "FLEET_ENVIRONMENTS": FLEET_ENVIRONMENTS,
+                        "COLD_RUNS": COLD_RUNS, "QUOTA_REQUESTS": QUOTA_REQUESTS,
+                        "QUOTA_ROUNDS": QUOTA_ROUNDS, "FLEET_ENVIRONMENTS": FLEET_ENVIRONMENTS,
                         "FLEET_RATE": FLEET_RATE},
               "systems": {s.key: {"name": s.name, "floor": s.floor, "note": s.note,
                                   "scenarios": list(s.scenarios), "alongside": list(s.alongside)}
@@ -1084,6 +1136,7 @@ def main():
     report["load_before_measuring"] = loadavg()
     phase("cold start", coldstart)
     phase("scenario 1", scenario1)
+    phase("scenario 1 under the CPU quota", scenario1_quota)
     phase("scenario 2", scenario_errors, 2, {"gpt-4o": "throttled:7", "gpt-35-turbo": "healthy"},
           "gpt-35-turbo", 100_000, S2_SECONDS, S2_FLOOR_SECONDS, S2_RATE, True)
     phase("scenario 3", scenario_errors, 3, {"gpt-4o": "503", "gpt-35-turbo": "503"},

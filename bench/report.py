@@ -163,6 +163,45 @@ def alongside_note(report, number):
             "processes over its row (for `cargo lambda watch`, cargo-lambda's and the function's).")
 
 
+def quota_section(report, w):
+    q = report.get("s1_quota")
+    if not q:
+        return
+    w("### Scenario 1 at Lambda's 128 MB CPU share")
+    w("")
+    if q.get("error"):
+        w(f"Not measured: {q['error']}.")
+        w("")
+        return
+    c = q["cpu_quota"]
+    t = q.get("throttling", {})
+    w(f"The in-process driver alone in a cgroup ({c['cgroup']}) with a CPU quota of {c['quota_us']} µs "
+      f"per {c['period_us']} µs ({c['share_of_a_cpu'] * 100:.1f} % of one CPU, as Lambda gives 128 MB), "
+      "the emulator outside it answering at once: direct calls and the real handler in turns, "
+      f"{q['rounds']} turns of {q['requests']} requests each, one at a time. Under a quota most "
+      "requests fit in the slice the process is running in and the rest wait for the next period, "
+      "so the mean, not the median, is what a user sees on average; the CPU time per request is the "
+      "process's whole CPU time (start-up included) over its requests"
+      + (f"; {t['throttled_periods']} of {t['periods']} periods were throttled." if t.get("periods") else "."))
+    w("")
+    w("| System | n | mean ms | p50 ms | p90 ms | p99 ms | CPU per request |")
+    w("|---|---|---|---|---|---|---|")
+    rows = q["rows"]
+    for mode, label in (("direct", "direct (Rust client)"), ("app", "fallback-chat, in-process")):
+        r = rows.get(mode)
+        if not r or r.get("mean") is None:
+            w(f"| {label} | – | – | – | – | – | – |")
+            continue
+        w(f"| {label} | {r['answered']} | {ms(r['mean'])} | {ms(r['p50'])} | {ms(r['p90'])} | {ms(r['p99'])} | "
+          f"{r['cpu_us_per_request']:.0f} µs |")
+    d, a = rows.get("direct"), rows.get("app")
+    if d and a and d.get("mean") is not None and a.get("mean") is not None:
+        w("")
+        w(f"The handler adds {(a['mean'] - d['mean']) * 1000:.0f} µs to the mean and "
+          f"{a['cpu_us_per_request'] - d['cpu_us_per_request']:.0f} µs of CPU per request at this share.")
+    w("")
+
+
 def fleet_section(report, w):
     f = report.get("fleet")
     w("## Fleet: many execution environments, one memory")
@@ -235,6 +274,52 @@ def cold_conditions(report):
 
 def fixed(v):
     return f"{v:.2f} ms" if v < 100 else f"{v:.1f} ms"
+
+
+def before_after(cold, w):
+    """The same measurements of the binary from before the cold-start work, when
+    bench/baseline-coldstart.json holds them (measured by the same code, same machine)."""
+    path = Path(__file__).parent / "baseline-coldstart.json"
+    if not path.exists():
+        return
+    base = json.loads(path.read_text())
+    w(f"### Before and after the cold-start work (commit {base['commit']} against this one)")
+    w("")
+    w(f"The binaries of commit {base['commit']} (which read the system's certificate store at start, and "
+      "had the AWS SDK's own HTTPS stack, AWS-LC and HTTP/2 in them) measured by `bench/baseline.py` with the same "
+      "`bench/coldstart.py` on the same machine just before this run; over HTTPS that binary "
+      "trusted the test CA through `SSL_CERT_FILE` (the system bundle plus the CA) and "
+      f"`SSL_CERT_DIR`. Medians of {base['runs']} runs; wall / CPU.")
+    w("")
+    w("| | condition | before | after | hello-world, before / after |")
+    w("|---|---|---|---|---|")
+
+    def pair(row, wall, cpu):
+        if not row or row.get("error") or row.get(wall) is None:
+            return "–"
+        c = row.get(cpu)
+        return f"{fixed(row[wall])}" + (f" / {fixed(c)}" if c is not None else "")
+
+    for condition, title in (("full", "full core"), ("quota", "128 MB share")):
+        b, a = base.get(condition, {}), cold.get(condition, {})
+        if not a:
+            continue
+        for label, key, wall, cpu in (
+                ("Start to first poll", "fallback-chat", "first_poll_ms", "cpu_to_first_poll_ms"),
+                ("First invocation, HTTP upstream", "fallback-chat", "first_response_ms", "cpu_first_invocation_ms"),
+                ("First invocation, HTTPS upstream", "fallback-chat-https", "first_response_ms", "cpu_first_invocation_ms"),
+                ("Warm invocation, HTTPS upstream", "fallback-chat-https", "warm_response_ms", "cpu_warm_invocation_ms")):
+            hello = (f"{pair(b.get('hello'), wall, cpu)} → {pair(a.get('hello'), wall, cpu)}"
+                     if key == "fallback-chat" and wall != "warm_response_ms" else "")
+            w(f"| {label} | {title} | {pair(b.get(key), wall, cpu)} | {pair(a.get(key), wall, cpu)} | {hello} |")
+        rb, ra = (b.get("fallback-chat") or {}).get("peak_rss_kib"), (a.get("fallback-chat") or {}).get("peak_rss_kib")
+        if rb and ra:
+            w(f"| Peak RSS | {title} | {mib(rb)} | {mib(ra)} | |")
+    sizes = base.get("binary_bytes", {})
+    after = (cold.get("full", {}).get("fallback-chat") or {}).get("binary_bytes")
+    if sizes.get("fallback-chat") and after:
+        w(f"| Binary, x86_64 | | {size(sizes['fallback-chat'])} | {size(after)} | |")
+    w("")
 
 
 def coldstart_section(report, w):
@@ -343,10 +428,16 @@ def coldstart_section(report, w):
         throttled = [row["cpu_quota"] for row in (fc, fcs, he) if row and isinstance(row.get("cpu_quota"), dict)
                      and "throttled_periods" in row["cpu_quota"]]
         if condition == "quota" and throttled:
+            # Rows measured in turns share one record of the quota; older runs had one per row.
+            shared = throttled[0].get("shared_by")
+            if shared:
+                throttled = throttled[:1]
             w(f"The quota at work: over these rows the cgroup held its processes back in "
               f"{sum(t['throttled_periods'] for t in throttled):.0f} of the "
               f"{sum(t['periods'] for t in throttled):.0f} periods in which they ran, "
-              f"{sum(t['throttled_ms'] for t in throttled) / 1000:.2f} s in all (its `cpu.stat`).")
+              f"{sum(t['throttled_ms'] for t in throttled) / 1000:.2f} s in all (its `cpu.stat`)"
+              + (". The rows were measured in turns (one start of each, then again), so a drift in the "
+                 "machine's speed weighs on each alike." if shared else "."))
             w("")
         bad = [f"{label} ({statuses_of(row)})" for label, row in (("HTTP upstream", fc), ("HTTPS upstream", fcs))
                if row and not row.get("error")
@@ -357,6 +448,8 @@ def coldstart_section(report, w):
               "CA: a binary from before `EXTRA_CA_CERTS` needs `SSL_CERT_FILE` (see "
               "`bench/coldstart.py`).")
             w("")
+
+    before_after(cold, w)
 
     # The targets of the cold-start work.
     def ratio_of(a, b):
@@ -497,6 +590,8 @@ def write(report):
                   f"{ratio(r['p50'], fp50) if f else ''} | {ratio(r['p99'], fp99) if f else ''} | "
                   f"{r['rps']:.0f} |")
     w("")
+
+    quota_section(report, w)
 
     # Scenario 2
     w("## Scenario 2: gpt-4o throttled, gpt-35-turbo healthy (the original app's situation)")
