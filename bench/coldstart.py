@@ -111,6 +111,29 @@ def _own_path(match):
     return ""
 
 
+def _limited_child(parent, name, settings):
+    """Creates the cgroup `parent/name` and writes `settings` (file: value, in order), checking
+    each reads back as written; OSError (with the cgroup removed again) where any step fails."""
+    child = parent / name
+    try:
+        child.mkdir()
+    except OSError as error:
+        raise OSError(error.errno, f"cannot create it: {error.strerror}") from error
+    try:
+        for file, value in settings.items():
+            try:
+                _write(child / file, value)
+            except OSError as error:
+                raise OSError(error.errno, f"cannot write {value!r} to {file}: {error.strerror}") from error
+            got = (child / file).read_text().split()
+            if got != value.split():
+                raise OSError(0, f"{file} reads {' '.join(got)!r} after writing {value!r}")
+    except OSError:
+        child.rmdir()
+        raise
+    return child
+
+
 class CpuCgroup:
     """A cgroup limiting its processes to `quota_us` of CPU per `period_us`, made by make();
     enter() (a preexec_fn) moves the calling process into it; remove() deletes it."""
@@ -161,19 +184,10 @@ class CpuCgroup:
                 except OSError as error:
                     reasons.append(f"{parent}: cannot enable +cpu in cgroup.subtree_control: {error.strerror}")
                     continue
-                child = parent / name
                 try:
-                    child.mkdir()
+                    child = _limited_child(parent, name, {"cpu.max": f"{quota_us} {period_us}"})
                 except OSError as error:
-                    reasons.append(f"cannot create {child}: {error.strerror}")
-                    continue
-                try:
-                    _write(child / "cpu.max", f"{quota_us} {period_us}")
-                    if (child / "cpu.max").read_text().split() != [str(quota_us), str(period_us)]:
-                        raise OSError(0, f"cpu.max reads {(child / 'cpu.max').read_text().strip()!r}")
-                except OSError as error:
-                    child.rmdir()
-                    reasons.append(f"{child}: cannot set cpu.max: {error.strerror}")
+                    reasons.append(f"{parent / name}: {error.strerror}")
                     continue
                 return cls("v2", child, quota_us, period_us)
         raise NoCgroup("cgroup v2: " + "; ".join(reasons))
@@ -189,21 +203,11 @@ class CpuCgroup:
             for parent in dict.fromkeys([own, mount]):
                 if not parent.is_dir():
                     continue
-                child = parent / name
                 try:
-                    child.mkdir()
+                    child = _limited_child(parent, name, {"cpu.cfs_period_us": str(period_us),
+                                                          "cpu.cfs_quota_us": str(quota_us)})
                 except OSError as error:
-                    reasons.append(f"cannot create {child}: {error.strerror}")
-                    continue
-                try:
-                    _write(child / "cpu.cfs_period_us", str(period_us))
-                    _write(child / "cpu.cfs_quota_us", str(quota_us))
-                    got = [(child / f).read_text().strip() for f in ("cpu.cfs_quota_us", "cpu.cfs_period_us")]
-                    if got != [str(quota_us), str(period_us)]:
-                        raise OSError(0, f"quota/period read back as {'/'.join(got)}")
-                except OSError as error:
-                    child.rmdir()
-                    reasons.append(f"{child}: cannot set the quota: {error.strerror}")
+                    reasons.append(f"{parent / name}: {error.strerror}")
                     continue
                 return cls("v1", child, quota_us, period_us)
         raise NoCgroup("cgroup v1: " + "; ".join(reasons))

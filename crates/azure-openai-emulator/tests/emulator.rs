@@ -698,12 +698,7 @@ async fn binary_prints_its_url_serves_logs_and_exits() {
             .expect("answer");
         assert_eq!(resp.status(), status);
     }
-    let out = tokio::time::timeout(Duration::from_secs(10), child.wait_with_output())
-        .await
-        .expect("--exit-after stops it")
-        .expect("output");
-    assert!(out.status.success());
-    let log = String::from_utf8_lossy(&out.stderr);
+    let log = common::exited_log(child).await;
     assert!(
         log.contains("deployment=gpt-4o behavior=throttled:7 status=429"),
         "{log}"

@@ -279,12 +279,7 @@ async fn the_binary_writes_its_ca_with_tls_ca_out_and_serves_https() {
         format!("[d] You said: {TEXT}")
     );
 
-    let out = tokio::time::timeout(Duration::from_secs(10), child.wait_with_output())
-        .await
-        .expect("--exit-after stops it")
-        .expect("output");
-    assert!(out.status.success());
-    let log = String::from_utf8_lossy(&out.stderr);
+    let log = common::exited_log(child).await;
     assert!(
         log.contains("deployment=d behavior=healthy status=200"),
         "{log}"

@@ -73,3 +73,14 @@ pub async fn start_binary(args: &[&std::ffi::OsStr]) -> (tokio::process::Child, 
     let (url, rest) = rest.split_once(' ').expect(&line);
     (child, url.to_owned(), rest.to_owned())
 }
+
+/// Waits (at most 10 s) for a binary started with `--exit-after` to stop by itself, checks that
+/// it exited cleanly and returns its log (stderr).
+pub async fn exited_log(child: tokio::process::Child) -> String {
+    let out = tokio::time::timeout(std::time::Duration::from_secs(10), child.wait_with_output())
+        .await
+        .expect("--exit-after stops it")
+        .expect("output");
+    assert!(out.status.success(), "{out:?}");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
