@@ -7,53 +7,98 @@
 //! (the surface, which defines the [`App`] and handles requests), and this file, which builds
 //! the App once per execution environment.
 
-pub mod attempt;
+#![warn(
+    clippy::disallowed_methods,
+    clippy::disallowed_types,
+    clippy::unwrap_used
+)]
+
+// Public: what the binary, the tests and the benchmarks use; the rest is the crate's own, so
+// the compiler finds what nothing uses.
+mod attempt;
+// The one place that reads the time and waits.
+#[allow(clippy::disallowed_methods)]
 pub mod clock;
 pub mod config;
 pub mod error;
 pub mod health;
-pub mod http;
+// The surface answers with HTTP statuses; upstream/ reads Azure's.
+#[allow(clippy::disallowed_types)]
+mod http;
 pub mod net;
-pub mod outcome;
+mod outcome;
 pub mod pool;
 pub mod reply;
-pub mod routing;
+mod routing;
 pub mod secret;
-pub mod sse;
+mod sse;
 pub mod telemetry;
-pub mod upstream;
+#[allow(clippy::disallowed_types)]
+mod upstream;
 
 use std::sync::Arc;
 
+use aws_config::{BehaviorVersion, SdkConfig};
 use metrics_cloudwatch_embedded::Collector;
 
 use crate::clock::{Clock, SystemClock};
-use crate::config::Config;
+use crate::config::{Config, keys};
 use crate::error::ConfigError;
 use crate::health::{Breaker, Fleet};
 use crate::http::Surface;
-use crate::http::auth::ClientKeys;
+use crate::net::Http;
 use crate::routing::{Engine, Settings};
 
 pub use crate::http::App;
+pub use crate::http::auth::ClientKeys;
 
 impl App<SystemClock> {
-    /// The App without the fleet's shared health, whatever `HEALTH_TABLE` says.
+    /// The App without the fleet's shared health, whatever `HEALTH_TABLE` says, and with the
+    /// keys as configured (no reference resolved).
     pub fn new(config: Config) -> Result<Self, ConfigError> {
         Self::with_clock(config, SystemClock)
     }
 
-    /// The App as a cold start builds it: with the fleet's shared health when `HEALTH_TABLE`
-    /// names a table (aws-config is loaded only then), read once before the first request.
+    /// The App as a cold start builds it: the HTTP client from the configured roots; the AWS
+    /// SDK's configuration loaded once, and only when a key is held in AWS or `HEALTH_TABLE`
+    /// names a table; the keys held in AWS resolved; the fleet's shared health read once
+    /// before the first request.
     pub async fn start(config: Config) -> Result<Self, ConfigError> {
-        let fleet = match &config.health_table {
-            Some(table) => Some(Fleet::connect(table, &config.http).await),
-            None => None,
+        let http = http_client(&config)?;
+        let aws = if keys::referenced(&config) || config.health_table.is_some() {
+            Some(aws_config(&http).await)
+        } else {
+            None
         };
-        let app = Self::with_fleet(config, SystemClock, fastrand::u64(..), fleet)?;
+        let (config, fleet) = match &aws {
+            Some(aws) => {
+                let config = keys::resolve(&config, aws).await?.apply(config);
+                let fleet = config
+                    .health_table
+                    .as_deref()
+                    .map(|table| Fleet::connect(table, aws));
+                (config, fleet)
+            }
+            None => (config, None),
+        };
+        let app = Self::build(config, &http, SystemClock, fastrand::u64(..), fleet)?;
         app.engine.warm_up().await;
         Ok(app)
     }
+}
+
+/// The environment's one HTTP client (Azure, and AWS when needed), trusting the configured roots.
+fn http_client(config: &Config) -> Result<Http, ConfigError> {
+    Http::new(&config.extra_roots).map_err(|e| ConfigError::HttpClient(Box::new(e)))
+}
+
+/// The AWS SDK's shared configuration, from the Lambda environment (region, credentials,
+/// `AWS_ENDPOINT_URL`), calling AWS over the environment's one HTTP client.
+async fn aws_config(http: &Http) -> SdkConfig {
+    aws_config::defaults(BehaviorVersion::latest())
+        .http_client(http.for_aws())
+        .load()
+        .await
 }
 
 impl<C: Clock> App<C> {
@@ -71,6 +116,17 @@ impl<C: Clock> App<C> {
     /// As [`App::with_seed`], sharing health with the rest of the fleet through `fleet`.
     pub fn with_fleet(
         config: Config,
+        clock: C,
+        seed: u64,
+        fleet: Option<Fleet>,
+    ) -> Result<Self, ConfigError> {
+        let http = http_client(&config)?;
+        Self::build(config, &http, clock, seed, fleet)
+    }
+
+    fn build(
+        config: Config,
+        http: &Http,
         clock: C,
         seed: u64,
         fleet: Option<Fleet>,
@@ -93,7 +149,7 @@ impl<C: Clock> App<C> {
         };
         let keys = ClientKeys::from_config(&config)?;
         let surface = Surface::from(&config);
-        let engine = Engine::new(config.pool, &config.http, settings, clock, seed, fleet);
+        let engine = Engine::new(config.pool, http, settings, clock, seed, fleet);
         Ok(Self {
             engine: Arc::new(engine),
             keys,

@@ -2,12 +2,18 @@
 //! that fails is reported to the Runtime API's init-error endpoint, as Lambda expects of a
 //! runtime, so the failed invocation carries the message that names what to fix.
 
+#![warn(
+    clippy::disallowed_methods,
+    clippy::disallowed_types,
+    clippy::unwrap_used
+)]
+
 use std::convert::Infallible;
 use std::process::ExitCode;
 use std::sync::Arc;
 
 use fallback_chat::App;
-use fallback_chat::config::{Config, keys};
+use fallback_chat::config::Config;
 use fallback_chat::error::ConfigError;
 use fallback_chat::telemetry;
 use lambda_http::http::{Method, Uri};
@@ -15,10 +21,9 @@ use lambda_http::lambda_runtime::Diagnostic;
 use lambda_http::{Request, service_fn};
 use lambda_runtime_api_client::{Client, build_request};
 
-/// Configuration, keys held in AWS (only when referenced), then the shared state.
+/// Configuration, then the shared state (keys held in AWS resolved, only when referenced).
 async fn start() -> Result<App, ConfigError> {
-    let mut config = Config::from_env()?;
-    keys::resolve(&mut config).await?;
+    let config = Config::from_env()?;
     let pool = &config.pool;
     let deployments: Vec<String> = pool
         .deployments
@@ -30,6 +35,7 @@ async fn start() -> Result<App, ConfigError> {
         default_route = pool.default_route().name,
         response_streaming = config.response_streaming,
         health_table = config.health_table.as_deref(),
+        callers_authenticated_by = config.auth_in_front.unwrap_or("client keys"),
         "configuration read"
     );
     App::start(config).await

@@ -8,9 +8,9 @@ use bytes::Bytes;
 use serde::Serialize;
 use serde_json::{Map, Value};
 
-/// A chat-completions request body, as JSON fields: built for GET /?query=, passed through
-/// for the OpenAI-compatible API.
-pub type ChatBody = Map<String, Value>;
+/// A request body, as JSON fields: built for GET /?query=, passed through (with `model` set
+/// where the upstream API needs it) for the OpenAI-compatible API.
+pub type JsonBody = Map<String, Value>;
 
 /// One call: the HTTP status when a response arrived, the quota the deployment says it has
 /// left, and the answer or why there was none.
@@ -50,11 +50,7 @@ pub enum Failure {
     /// 400 context_length_exceeded: only a deployment with a larger window can help.
     ContextLengthExceeded { message: String },
     /// Any other 4xx: never resent to the same deployment.
-    Rejected {
-        status: u16,
-        code: String,
-        message: String,
-    },
+    Rejected { code: String, message: String },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -35,18 +35,26 @@ pub struct Deployment {
 }
 
 impl Deployment {
-    /// The chat-completions URL for this deployment.
-    pub fn url(&self) -> String {
+    /// The URL of operation `path` (`chat/completions`, ...) on this deployment: classic
+    /// `{endpoint}/openai/deployments/{deployment}/{path}?api-version=V`, or the v1 shape.
+    pub fn url(&self, path: &str) -> String {
         match &self.api {
             ApiStyle::Classic { api_version } => format!(
-                "{}/openai/deployments/{}/chat/completions?api-version={api_version}",
+                "{}/openai/deployments/{}/{path}?api-version={api_version}",
                 self.endpoint, self.deployment
             ),
             // An OpenAI-compatible base URL already ends in /v1; an Azure resource URL does not.
-            ApiStyle::V1 if self.endpoint.ends_with("/v1") => {
-                format!("{}/chat/completions", self.endpoint)
-            }
-            ApiStyle::V1 => format!("{}/openai/v1/chat/completions", self.endpoint),
+            ApiStyle::V1 if self.endpoint.ends_with("/v1") => format!("{}/{path}", self.endpoint),
+            ApiStyle::V1 => format!("{}/openai/v1/{path}", self.endpoint),
+        }
+    }
+
+    /// The name sent as the body's `model`: v1 servers take the deployment there (classic URLs
+    /// carry it in the path).
+    pub fn model(&self) -> Option<&str> {
+        match self.api {
+            ApiStyle::Classic { .. } => None,
+            ApiStyle::V1 => Some(&self.deployment),
         }
     }
 }

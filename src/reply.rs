@@ -1,26 +1,32 @@
 //! A response body: whole (http-body-util's `Full`), or frames relayed as a stream produces them
-//! (`StreamBody` over the relay's channel). One type, so the same handler serves Lambda's
-//! buffered and streaming modes.
+//! (`StreamBody` over any stream of bytes, such as the relay's channel). One type, so the same
+//! handler serves Lambda's buffered and streaming modes.
 
 use std::convert::Infallible;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
-use futures_util::StreamExt;
+use futures_util::stream::BoxStream;
+use futures_util::{Stream, StreamExt};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::{BodyExt, Full, StreamBody};
 use serde::Serialize;
-use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
 
-type Frames =
-    futures_util::stream::Map<ReceiverStream<Bytes>, fn(Bytes) -> Result<Frame<Bytes>, Infallible>>;
+type Frames = BoxStream<'static, Result<Frame<Bytes>, Infallible>>;
 
-#[derive(Debug)]
 pub enum Reply {
     Full(Full<Bytes>),
     Stream(StreamBody<Frames>),
+}
+
+impl std::fmt::Debug for Reply {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Reply::Full(body) => f.debug_tuple("Full").field(body).finish(),
+            Reply::Stream(_) => f.write_str("Stream"),
+        }
+    }
 }
 
 impl Reply {
@@ -34,10 +40,9 @@ impl Reply {
         Self::full(serde_json::to_vec(value).unwrap_or_else(|_| b"{}".to_vec()))
     }
 
-    /// A body that ends when the sender is dropped.
-    pub fn stream(frames: mpsc::Receiver<Bytes>) -> Self {
-        let data: fn(Bytes) -> Result<Frame<Bytes>, Infallible> = |b| Ok(Frame::data(b));
-        Self::Stream(StreamBody::new(ReceiverStream::new(frames).map(data)))
+    /// A body that ends when `frames` does.
+    pub fn stream(frames: impl Stream<Item = Bytes> + Send + 'static) -> Self {
+        Self::Stream(StreamBody::new(frames.map(|b| Ok(Frame::data(b))).boxed()))
     }
 
     /// The whole body, waiting for a stream to end.
@@ -72,8 +77,8 @@ impl Body for Reply {
 
     fn size_hint(&self) -> SizeHint {
         match self {
-            Reply::Full(body) => body.size_hint(),
-            Reply::Stream(body) => body.size_hint(),
+            Reply::Full(body) => Body::size_hint(body),
+            Reply::Stream(body) => Body::size_hint(body),
         }
     }
 }

@@ -142,13 +142,59 @@ pub fn unavailable(route: &str) {
     counter!("Unavailable", "Route" => route.to_owned()).increment(1);
 }
 
-/// One call to the fleet's shared health table: `operation` (read, lease, throttle, failure,
-/// open, recovered, write) came to `outcome` (ok, held_elsewhere, timeout, error) in `ms`. A
-/// read that timed out or failed is a request decided on local knowledge.
-pub fn health_table(operation: &str, outcome: &str, ms: u64) {
-    counter!("HealthTable", "Operation" => operation.to_owned(), "Outcome" => outcome.to_owned())
-        .increment(1);
-    histogram!("HealthTableLatency", "Operation" => operation.to_owned()).record(ms as f64);
+/// A call to the fleet's shared health table, as the `HealthTable` metric names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TableOp {
+    Read,
+    Lease,
+    Throttle,
+    Failure,
+    Open,
+    Recovered,
+    /// The request's writes, waited for together before its response.
+    Write,
+}
+
+impl TableOp {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TableOp::Read => "read",
+            TableOp::Lease => "lease",
+            TableOp::Throttle => "throttle",
+            TableOp::Failure => "failure",
+            TableOp::Open => "open",
+            TableOp::Recovered => "recovered",
+            TableOp::Write => "write",
+        }
+    }
+}
+
+/// What a call to the fleet's table came to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TableOutcome {
+    Ok,
+    /// A lease another execution environment holds.
+    HeldElsewhere,
+    Timeout,
+    Error,
+}
+
+impl TableOutcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TableOutcome::Ok => "ok",
+            TableOutcome::HeldElsewhere => "held_elsewhere",
+            TableOutcome::Timeout => "timeout",
+            TableOutcome::Error => "error",
+        }
+    }
+}
+
+/// One call to the fleet's shared health table: `op` came to `outcome` in `ms`. A read that
+/// timed out or failed is a request decided on local knowledge.
+pub fn health_table(op: TableOp, outcome: TableOutcome, ms: u64) {
+    counter!("HealthTable", "Operation" => op.as_str(), "Outcome" => outcome.as_str()).increment(1);
+    histogram!("HealthTableLatency", "Operation" => op.as_str()).record(ms as f64);
 }
 
 /// `deployment`'s stream broke after its first content.

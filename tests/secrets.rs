@@ -1,6 +1,6 @@
 //! Keys held in AWS, resolved for real against moto's server (Secrets Manager and SSM over HTTP,
-//! through the same SDK clients the function uses). One test function: the SDK reads its endpoint
-//! and credentials from process-wide environment variables.
+//! through the same SDK clients the function uses). Each test starts its own moto and points an
+//! SDK configuration at it, so the tests share nothing and touch no process environment.
 
 use std::collections::HashMap;
 use std::net::TcpListener;
@@ -9,66 +9,17 @@ use std::time::{Duration, Instant};
 
 mod common;
 
-use aws_config::BehaviorVersion;
+use aws_config::{BehaviorVersion, Region, SdkConfig};
+use aws_sdk_secretsmanager::config::Credentials;
 use aws_sdk_ssm::types::ParameterType;
 use common::Logs;
 use common::moto::Moto;
 use fallback_chat::config::Config;
-use fallback_chat::config::keys::resolve;
-use fallback_chat::error::ConfigError;
-use fallback_chat::http::auth::ClientKeys;
+use fallback_chat::config::keys::{referenced, resolve};
 use fallback_chat::net::{ExtraRoots, Http};
+use fallback_chat::{App, ClientKeys};
 
 const ENDPOINT: &str = "https://x.openai.azure.com";
-
-/// A config from `vars` plus an endpoint and, unless client keys are given, an authorizer.
-fn config(vars: &[(&str, &str)]) -> Config {
-    let mut map: HashMap<String, String> = vars
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect();
-    map.insert("AZURE_OPENAI_ENDPOINT".into(), ENDPOINT.into());
-    if !map.contains_key("CLIENT_API_KEYS") {
-        map.insert("AUTH_PROVIDED_BY".into(), "authorizer".into());
-    }
-    Config::from_lookup(|name| map.get(name).cloned()).expect("the test config is valid")
-}
-
-/// Resolves `config`'s references with every log line, the SDK's included, captured in `logs`.
-async fn resolve_logged(config: &mut Config, logs: &Logs) -> Result<(), ConfigError> {
-    let subscriber = tracing_subscriber::fmt()
-        .with_writer(logs.clone())
-        .with_max_level(tracing::Level::TRACE)
-        .with_ansi(false)
-        .finish();
-    let _current = tracing::subscriber::set_default(subscriber);
-    resolve(config).await
-}
-
-async fn resolved(vars: &[(&str, &str)], logs: &Logs) -> Config {
-    let mut config = config(vars);
-    if let Err(e) = resolve_logged(&mut config, logs).await {
-        panic!("{vars:?} did not resolve: {e}");
-    }
-    config
-}
-
-async fn refused(vars: &[(&str, &str)], logs: &Logs) -> String {
-    let mut config = config(vars);
-    match resolve_logged(&mut config, logs).await {
-        Ok(()) => panic!("{vars:?} resolved, but should not have"),
-        Err(e) => e.to_string(),
-    }
-}
-
-fn keys(config: &Config) -> Vec<(&str, &str)> {
-    config
-        .pool
-        .deployments
-        .iter()
-        .map(|d| (d.id.as_str(), d.key.as_ref().map_or("", |k| k.expose())))
-        .collect()
-}
 
 const SM_KEY: &str = "sk-azure-from-secrets-manager";
 const EAST_KEY: &str = "sk-east-from-json";
@@ -76,6 +27,7 @@ const WEST_KEY: &str = "sk-west-from-json";
 const SSM_KEY: &str = "sk-azure-from-ssm";
 const CLIENT_KEYS: &str = "client-key-0123456789abcdef,client-key-fedcba9876543210";
 const PARAMETER: &str = "/fallback/azure-key";
+/// Every value moto holds: none may appear in an error or a log line.
 const FETCHED: [&str; 6] = [
     SM_KEY,
     EAST_KEY,
@@ -88,137 +40,215 @@ const FETCHED: [&str; 6] = [
 const GET_SECRET: &str = "secretsmanager.GetSecretValue";
 const GET_PARAMETER: &str = "AmazonSSM.GetParameter";
 
-#[tokio::test]
-async fn keys_held_in_secrets_manager_and_ssm_are_resolved_once_at_cold_start() {
-    // Plain keys first, before any AWS setting exists in this process and before moto runs: if
-    // resolve loaded aws-config, its profile, region and credential chains would log at TRACE.
-    for (name, _) in std::env::vars_os() {
-        if name.to_string_lossy().starts_with("AWS_") {
-            // SAFETY: the only test in this binary, and no other thread reads the environment yet.
-            unsafe { std::env::remove_var(&name) };
+/// A config from `vars` plus an endpoint and, unless client keys are given, an authorizer.
+fn config(vars: &[(&str, &str)]) -> Config {
+    let mut map: HashMap<String, String> = vars
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    map.entry("AZURE_OPENAI_ENDPOINT".into())
+        .or_insert_with(|| ENDPOINT.into());
+    if !map.contains_key("CLIENT_API_KEYS") {
+        map.insert("AUTH_PROVIDED_BY".into(), "authorizer".into());
+    }
+    Config::from_lookup(|name| map.get(name).cloned()).expect("the test config is valid")
+}
+
+/// The SDK's configuration as the function loads it, pointed at `endpoint` with test
+/// credentials, over the function's own HTTP client.
+async fn sdk(endpoint: &str) -> SdkConfig {
+    aws_config::defaults(BehaviorVersion::latest())
+        .region(Region::new("us-east-1"))
+        .endpoint_url(endpoint)
+        .credentials_provider(Credentials::new("testing", "testing", None, None, "test"))
+        .http_client(
+            Http::new(&ExtraRoots::default())
+                .expect("an HTTP client")
+                .for_aws(),
+        )
+        .load()
+        .await
+}
+
+/// moto with the secrets and the parameter the tests read, and the SDK configuration that
+/// reaches it.
+struct Aws {
+    moto: Moto,
+    sdk: SdkConfig,
+    key_arn: String,
+    json_arn: String,
+    client_arn: String,
+    empty_arn: String,
+    parameter_arn: String,
+    logs: Logs,
+}
+
+impl Aws {
+    async fn start() -> Self {
+        let moto = Moto::start();
+        let sdk = sdk(&moto.endpoint()).await;
+        let sm = aws_sdk_secretsmanager::Client::new(&sdk);
+        let ssm = aws_sdk_ssm::Client::new(&sdk);
+        let create = |name: &'static str, value: String| {
+            let sm = sm.clone();
+            async move {
+                sm.create_secret()
+                    .name(name)
+                    .secret_string(value)
+                    .send()
+                    .await
+                    .unwrap_or_else(|e| panic!("CreateSecret {name}: {e:?}"))
+                    .arn
+                    .expect("CreateSecret returns the ARN")
+            }
+        };
+        let key_arn = create("azure-key", format!("  {SM_KEY} \n")).await;
+        let json_arn = create(
+            "azure-keys",
+            format!(r#"{{"east": "{EAST_KEY}", "west": " {WEST_KEY} ", "port": 443}}"#),
+        )
+        .await;
+        let client_arn = create("client-keys", format!("{CLIENT_KEYS}\n")).await;
+        let empty_arn = create("empty-key", "  \n ".to_owned()).await;
+        ssm.put_parameter()
+            .name(PARAMETER)
+            .value(SSM_KEY)
+            .r#type(ParameterType::SecureString)
+            .send()
+            .await
+            .expect("PutParameter");
+        let parameter_arn = ssm
+            .get_parameter()
+            .name(PARAMETER)
+            .send()
+            .await
+            .expect("GetParameter")
+            .parameter
+            .and_then(|p| p.arn)
+            .expect("GetParameter returns the ARN");
+        assert!(key_arn.starts_with("arn:aws:secretsmanager:us-east-1:"));
+        assert!(parameter_arn.starts_with("arn:aws:ssm:us-east-1:"));
+        moto.reset();
+        Self {
+            moto,
+            sdk,
+            key_arn,
+            json_arn,
+            client_arn,
+            empty_arn,
+            parameter_arn,
+            logs: Logs::default(),
         }
     }
-    let plain_logs = Logs::default();
-    let mut plain = config(&[
+
+    /// `vars` resolved as a cold start would, every log line (the SDK's included, at TRACE) in
+    /// `self.logs`.
+    async fn resolve(&self, vars: &[(&str, &str)]) -> Result<Config, String> {
+        let config = config(vars);
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(self.logs.clone())
+            .with_max_level(tracing::Level::TRACE)
+            .with_ansi(false)
+            .finish();
+        let _current = tracing::subscriber::set_default(subscriber);
+        match resolve(&config, &self.sdk).await {
+            Ok(resolved) => Ok(resolved.apply(config)),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
+    async fn resolved(&self, vars: &[(&str, &str)]) -> Config {
+        self.resolve(vars)
+            .await
+            .unwrap_or_else(|e| panic!("{vars:?} did not resolve: {e}"))
+    }
+
+    /// The error `vars` are refused with; it never shows a fetched value.
+    async fn refused(&self, vars: &[(&str, &str)]) -> String {
+        let error = match self.resolve(vars).await {
+            Ok(_) => panic!("{vars:?} resolved, but should not have"),
+            Err(e) => e,
+        };
+        for value in FETCHED {
+            assert!(!error.contains(value), "{error} shows a fetched value");
+        }
+        error
+    }
+}
+
+fn keys(config: &Config) -> Vec<(&str, &str)> {
+    config
+        .pool
+        .deployments
+        .iter()
+        .map(|d| (d.id.as_str(), d.key.as_ref().map_or("", |k| k.expose())))
+        .collect()
+}
+
+#[tokio::test]
+async fn plain_keys_need_no_aws_at_all() {
+    let config = config(&[
         ("AZURE_OPENAI_API_KEY", "sk-abc:def"),
         ("CLIENT_API_KEYS", "plain-client-key-0123456789"),
     ]);
-    resolve_logged(&mut plain, &plain_logs)
-        .await
-        .expect("plain keys need no AWS at all");
-    assert_eq!(
-        keys(&plain),
-        [("gpt-4o", "sk-abc:def"), ("gpt-35-turbo", "sk-abc:def")]
+    assert!(
+        !referenced(&config),
+        "a key with a ':' is still a plain key"
     );
-    assert_eq!(
-        plain.client_keys.as_ref().unwrap().expose(),
-        "plain-client-key-0123456789"
-    );
-    assert_eq!(
-        plain_logs.text(),
-        "",
-        "plain keys must not touch aws-config"
-    );
-
-    let moto = Moto::start();
-    // SAFETY: as above; the SDK reads these when aws-config loads, after they are set.
-    unsafe {
-        std::env::set_var("AWS_ENDPOINT_URL", moto.endpoint());
-        std::env::set_var("AWS_ACCESS_KEY_ID", "testing");
-        std::env::set_var("AWS_SECRET_ACCESS_KEY", "testing");
-        std::env::set_var("AWS_REGION", "us-east-1");
-        // The developer's ~/.aws must not redirect or re-credential the SDK.
-        std::env::set_var("AWS_CONFIG_FILE", "/nonexistent/aws-config");
-        std::env::set_var(
-            "AWS_SHARED_CREDENTIALS_FILE",
-            "/nonexistent/aws-credentials",
-        );
-        std::env::set_var("AWS_EC2_METADATA_DISABLED", "true");
-    }
-
-    // Fixtures, created through the same SDK.
-    let http = Http::new(&ExtraRoots::default()).expect("an HTTP client");
-    let aws = aws_config::defaults(BehaviorVersion::latest())
-        .http_client(http.for_aws())
-        .load()
-        .await;
-    let sm = aws_sdk_secretsmanager::Client::new(&aws);
-    let ssm = aws_sdk_ssm::Client::new(&aws);
-    let create = |name: &'static str, value: String| {
-        let sm = sm.clone();
-        async move {
-            sm.create_secret()
-                .name(name)
-                .secret_string(value)
-                .send()
-                .await
-                .unwrap_or_else(|e| panic!("CreateSecret {name}: {e:?}"))
-                .arn
-                .expect("CreateSecret returns the ARN")
-        }
-    };
-    let key_arn = create("azure-key", format!("  {SM_KEY} \n")).await;
-    let json_arn = create(
-        "azure-keys",
-        format!(r#"{{"east": "{EAST_KEY}", "west": " {WEST_KEY} ", "port": 443}}"#),
-    )
-    .await;
-    let client_arn = create("client-keys", format!("{CLIENT_KEYS}\n")).await;
-    let empty_arn = create("empty-key", "  \n ".to_owned()).await;
-    ssm.put_parameter()
-        .name(PARAMETER)
-        .value(SSM_KEY)
-        .r#type(ParameterType::SecureString)
-        .send()
-        .await
-        .expect("PutParameter");
-    let parameter_arn = ssm
-        .get_parameter()
-        .name(PARAMETER)
-        .send()
-        .await
-        .expect("GetParameter")
-        .parameter
-        .and_then(|p| p.arn)
-        .expect("GetParameter returns the ARN");
-    assert!(key_arn.starts_with("arn:aws:secretsmanager:us-east-1:"));
-    assert!(parameter_arn.starts_with("arn:aws:ssm:us-east-1:"));
-
     let logs = Logs::default();
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer(logs.clone())
+        .with_max_level(tracing::Level::TRACE)
+        .with_ansi(false)
+        .finish();
+    let _current = tracing::subscriber::set_default(subscriber);
+    // A cold start: were aws-config loaded, its region and credential chains would log at TRACE.
+    let app = App::start(config).await.expect("plain keys start");
+    assert_eq!(logs.text(), "", "plain keys must not touch aws-config");
+    drop(app);
+}
 
-    // A Secrets Manager ARN: trimmed, and fetched once although both default deployments use it.
-    moto.reset();
-    let c = resolved(&[("AZURE_OPENAI_API_KEY", &key_arn)], &logs).await;
+#[tokio::test]
+async fn a_secrets_manager_key_is_trimmed_and_fetched_once_for_every_deployment_using_it() {
+    let aws = Aws::start().await;
+    let c = aws
+        .resolved(&[("AZURE_OPENAI_API_KEY", &aws.key_arn)])
+        .await;
     assert_eq!(keys(&c), [("gpt-4o", SM_KEY), ("gpt-35-turbo", SM_KEY)]);
-    assert_eq!(moto.calls(GET_SECRET), 1);
+    assert_eq!(aws.moto.calls(GET_SECRET), 1);
+}
 
-    // One field of a JSON secret.
-    let east = format!("{json_arn}#east");
-    let c = resolved(&[("AZURE_OPENAI_API_KEY", &east)], &logs).await;
+#[tokio::test]
+async fn one_field_of_a_json_secret_is_picked_by_arn_or_by_name() {
+    let aws = Aws::start().await;
+    let east = format!("{}#east", aws.json_arn);
+    let c = aws.resolved(&[("AZURE_OPENAI_API_KEY", &east)]).await;
     assert_eq!(keys(&c)[0], ("gpt-4o", EAST_KEY));
+    let c = aws
+        .resolved(&[("AZURE_OPENAI_API_KEY", "secretsmanager:azure-keys#west")])
+        .await;
+    assert_eq!(keys(&c)[0], ("gpt-4o", WEST_KEY), "trimmed too");
+}
 
-    // The short Secrets Manager form, by name.
-    let c = resolved(
-        &[("AZURE_OPENAI_API_KEY", "secretsmanager:azure-keys#west")],
-        &logs,
-    )
-    .await;
-    assert_eq!(keys(&c)[0], ("gpt-4o", WEST_KEY));
-
-    // An SSM SecureString, by path and by ARN, decrypted.
-    moto.reset();
-    let c = resolved(
-        &[("AZURE_OPENAI_API_KEY", "ssm:/fallback/azure-key")],
-        &logs,
-    )
-    .await;
+#[tokio::test]
+async fn an_ssm_secure_string_is_read_decrypted_by_path_or_by_arn() {
+    let aws = Aws::start().await;
+    let c = aws
+        .resolved(&[("AZURE_OPENAI_API_KEY", "ssm:/fallback/azure-key")])
+        .await;
     assert_eq!(keys(&c)[0], ("gpt-4o", SSM_KEY));
-    let c = resolved(&[("AZURE_OPENAI_API_KEY", &parameter_arn)], &logs).await;
+    let c = aws
+        .resolved(&[("AZURE_OPENAI_API_KEY", &aws.parameter_arn)])
+        .await;
     assert_eq!(keys(&c)[1], ("gpt-35-turbo", SSM_KEY));
-    assert_eq!(moto.calls(GET_PARAMETER), 2);
+    assert_eq!(aws.moto.calls(GET_PARAMETER), 2);
+}
 
-    // A pool: two entries share KEY_EAST, KEY_WEST is another field of the same secret, one entry
-    // reads SSM, one keeps a plain key. One GetSecretValue and one GetParameter in all.
+#[tokio::test]
+async fn a_pool_fetches_each_secret_and_parameter_once_and_keeps_plain_keys() {
+    let aws = Aws::start().await;
+    // Two entries share KEY_EAST, KEY_WEST is another field of the same secret, one entry reads
+    // SSM, one keeps a plain key.
     let pool = r#"{"deployments": [
         {"id": "east-ptu", "endpoint": "https://east.openai.azure.com", "deployment": "gpt-4o", "key_env": "KEY_EAST"},
         {"id": "east-paygo", "endpoint": "https://east.openai.azure.com", "deployment": "gpt-4o-paygo", "key_env": "KEY_EAST", "priority": 1},
@@ -226,19 +256,19 @@ async fn keys_held_in_secrets_manager_and_ssm_are_resolved_once_at_cold_start() 
         {"id": "north", "endpoint": "https://north.openai.azure.com", "deployment": "gpt-4o", "key_env": "KEY_NORTH", "priority": 2},
         {"id": "local", "endpoint": "http://127.0.0.1:11434/v1", "deployment": "llama3.1:8b", "api": "v1", "key_env": "KEY_LOCAL", "priority": 3}
     ]}"#;
-    let west = format!("{json_arn}#west");
-    moto.reset();
-    let c = resolved(
-        &[
+    let (east, west) = (
+        format!("{}#east", aws.json_arn),
+        format!("{}#west", aws.json_arn),
+    );
+    let c = aws
+        .resolved(&[
             ("FALLBACK_POOL", pool),
             ("KEY_EAST", &east),
             ("KEY_WEST", &west),
             ("KEY_NORTH", "ssm:/fallback/azure-key"),
             ("KEY_LOCAL", "plain-local-key"),
-        ],
-        &logs,
-    )
-    .await;
+        ])
+        .await;
     assert_eq!(
         keys(&c),
         [
@@ -249,41 +279,48 @@ async fn keys_held_in_secrets_manager_and_ssm_are_resolved_once_at_cold_start() 
             ("local", "plain-local-key"),
         ]
     );
-    assert_eq!(moto.calls(GET_SECRET), 1, "one secret, fetched once");
-    assert_eq!(moto.calls(GET_PARAMETER), 1, "one parameter, fetched once");
+    assert_eq!(aws.moto.calls(GET_SECRET), 1, "one secret, fetched once");
+    assert_eq!(
+        aws.moto.calls(GET_PARAMETER),
+        1,
+        "one parameter, fetched once"
+    );
+}
 
-    // CLIENT_API_KEYS as a reference, alongside a plain Azure key.
-    let c = resolved(
-        &[
+#[tokio::test]
+async fn client_keys_may_be_held_in_secrets_manager_beside_a_plain_azure_key() {
+    let aws = Aws::start().await;
+    let c = aws
+        .resolved(&[
             ("AZURE_OPENAI_API_KEY", "sk-plain-azure-key"),
-            ("CLIENT_API_KEYS", &client_arn),
-        ],
-        &logs,
-    )
-    .await;
+            ("CLIENT_API_KEYS", &aws.client_arn),
+        ])
+        .await;
     assert_eq!(c.client_keys.as_ref().unwrap().expose(), CLIENT_KEYS);
     assert_eq!(keys(&c)[0], ("gpt-4o", "sk-plain-azure-key"));
     assert!(ClientKeys::from_config(&c).is_ok());
+}
 
-    // Served end to end with both keys from Secrets Manager: the emulator only accepts the
-    // Azure key moto holds, and the handler only the client keys moto holds.
+#[tokio::test]
+async fn a_request_is_served_end_to_end_with_the_azure_and_client_keys_from_secrets_manager() {
+    let aws = Aws::start().await;
+    // The emulator only accepts the Azure key moto holds, and the handler only the client keys
+    // moto holds.
     let emulator = azure_openai_emulator::Emulator::builder()
         .api_key(SM_KEY)
         .deployment("gpt-4o", azure_openai_emulator::Behavior::Healthy)
         .start()
         .await
         .expect("emulator starts");
-    let vars: HashMap<&str, String> = HashMap::from([
-        ("AZURE_OPENAI_ENDPOINT", emulator.url()),
-        ("AZURE_OPENAI_DEPLOYMENTS", "gpt-4o".to_owned()),
-        ("AZURE_OPENAI_API_KEY", key_arn.clone()),
-        ("CLIENT_API_KEYS", client_arn.clone()),
-    ]);
-    let mut served = Config::from_lookup(|name| vars.get(name).cloned()).expect("valid config");
-    resolve_logged(&mut served, &logs)
-        .await
-        .expect("both references resolve");
-    let app = Arc::new(fallback_chat::App::new(served).expect("the app builds"));
+    let served = aws
+        .resolved(&[
+            ("AZURE_OPENAI_ENDPOINT", &emulator.url()),
+            ("AZURE_OPENAI_DEPLOYMENTS", "gpt-4o"),
+            ("AZURE_OPENAI_API_KEY", &aws.key_arn),
+            ("CLIENT_API_KEYS", &aws.client_arn),
+        ])
+        .await;
+    let app = Arc::new(App::new(served).expect("the app builds"));
     let ask = |authorization: Option<&str>| {
         let mut event: serde_json::Value =
             serde_json::from_str(include_str!("../events/http-api/get-query.json")).unwrap();
@@ -317,17 +354,18 @@ async fn keys_held_in_secrets_manager_and_ssm_are_resolved_once_at_cold_start() 
         1,
         "refused requests cost nothing upstream"
     );
+}
 
-    // A missing secret names the variable, the reference and the fix.
+#[tokio::test]
+async fn a_missing_secret_names_the_variable_the_reference_and_the_fix() {
+    let aws = Aws::start().await;
     let missing = "arn:aws:secretsmanager:us-east-1:123456789012:secret:no-such-key-AbCdEf";
-    let error = refused(
-        &[
+    let error = aws
+        .refused(&[
             ("AZURE_OPENAI_API_KEY", missing),
-            ("CLIENT_API_KEYS", &client_arn),
-        ],
-        &logs,
-    )
-    .await;
+            ("CLIENT_API_KEYS", &aws.client_arn),
+        ])
+        .await;
     assert!(
         error.starts_with("AZURE_OPENAI_API_KEY is invalid: "),
         "{error}"
@@ -335,65 +373,69 @@ async fn keys_held_in_secrets_manager_and_ssm_are_resolved_once_at_cold_start() 
     assert!(error.contains(missing), "{error}");
     assert!(error.contains("does not exist"), "{error}");
     assert!(error.contains("create it"), "{error}");
-    let missing_error = error;
+}
 
-    // In a pool, the entry is named; a resolvable reference next to it does not leak into the message.
+#[tokio::test]
+async fn in_a_pool_the_entry_whose_reference_fails_is_named_and_no_other_value_leaks() {
+    let aws = Aws::start().await;
     let pool = r#"{"deployments": [
         {"id": "east", "endpoint": "https://east.openai.azure.com", "deployment": "gpt-4o", "key_env": "KEY_EAST"},
         {"id": "west", "endpoint": "https://west.openai.azure.com", "deployment": "gpt-4o", "key_env": "KEY_WEST"}
     ]}"#;
-    let pool_error = refused(
-        &[
+    let east = format!("{}#east", aws.json_arn);
+    let error = aws
+        .refused(&[
             ("FALLBACK_POOL", pool),
             ("KEY_EAST", &east),
             ("KEY_WEST", "ssm:/fallback/no-such-parameter"),
-        ],
-        &logs,
-    )
-    .await;
+        ])
+        .await;
+    assert!(error.starts_with("KEY_WEST is invalid: "), "{error}");
+    assert!(error.contains("\"west\""), "{error}");
     assert!(
-        pool_error.starts_with("KEY_WEST is invalid: "),
-        "{pool_error}"
+        error.contains("SSM parameter /fallback/no-such-parameter"),
+        "{error}"
     );
-    assert!(pool_error.contains("\"west\""), "{pool_error}");
-    assert!(
-        pool_error.contains("SSM parameter /fallback/no-such-parameter"),
-        "{pool_error}"
-    );
+}
 
-    // A JSON field that is not there, and a secret that holds only whitespace.
-    let field_error = refused(
-        &[("AZURE_OPENAI_API_KEY", &format!("{json_arn}#north"))],
-        &logs,
-    )
-    .await;
-    assert!(field_error.contains("no field \"north\""), "{field_error}");
-    let empty_error = refused(
-        &[
+#[tokio::test]
+async fn a_missing_json_field_or_an_empty_secret_is_refused_saying_which() {
+    let aws = Aws::start().await;
+    let north = format!("{}#north", aws.json_arn);
+    let error = aws.refused(&[("AZURE_OPENAI_API_KEY", &north)]).await;
+    assert!(error.contains("no field \"north\""), "{error}");
+    let error = aws
+        .refused(&[
             ("AZURE_OPENAI_API_KEY", "sk-plain-azure-key"),
-            ("CLIENT_API_KEYS", &empty_arn),
-        ],
-        &logs,
-    )
+            ("CLIENT_API_KEYS", &aws.empty_arn),
+        ])
+        .await;
+    assert!(error.starts_with("CLIENT_API_KEYS is invalid: "), "{error}");
+    assert!(error.contains(&aws.empty_arn), "{error}");
+    assert!(error.contains("empty"), "{error}");
+}
+
+#[tokio::test]
+async fn every_resolution_is_logged_with_its_reference_and_never_its_value() {
+    let aws = Aws::start().await;
+    aws.resolved(&[
+        ("AZURE_OPENAI_API_KEY", &aws.key_arn),
+        ("CLIENT_API_KEYS", &aws.client_arn),
+    ])
     .await;
-    assert!(
-        empty_error.starts_with("CLIENT_API_KEYS is invalid: "),
-        "{empty_error}"
-    );
-    assert!(empty_error.contains(&empty_arn), "{empty_error}");
-    assert!(empty_error.contains("empty"), "{empty_error}");
-
-    for error in [&missing_error, &pool_error, &field_error, &empty_error] {
-        for value in FETCHED {
-            assert!(!error.contains(value), "{error} shows a fetched value");
-        }
-    }
-
-    // Every resolution logged its reference and duration; no fetched value reached a log line,
-    // although the SDK logged at TRACE level throughout.
-    let logged = logs.text();
+    aws.resolved(&[("AZURE_OPENAI_API_KEY", "ssm:/fallback/azure-key")])
+        .await;
+    let west = format!("{}#west", aws.json_arn);
+    aws.resolved(&[("AZURE_OPENAI_API_KEY", &west)]).await;
+    aws.refused(&[("AZURE_OPENAI_API_KEY", &format!("{}#north", aws.json_arn))])
+        .await;
+    // The SDK logged at TRACE level throughout.
+    let logged = aws.logs.text();
     assert!(logged.contains("key reference resolved"), "{logged}");
-    assert!(logged.contains(&format!("reference={key_arn}")), "{logged}");
+    assert!(
+        logged.contains(&format!("reference={}", aws.key_arn)),
+        "{logged}"
+    );
     assert!(
         logged.contains("reference=ssm:/fallback/azure-key"),
         "{logged}"
@@ -405,25 +447,26 @@ async fn keys_held_in_secrets_manager_and_ssm_are_resolved_once_at_cold_start() 
             "a fetched value was logged: {value}\n{logged}"
         );
     }
+}
 
-    // An endpoint that does not answer: the message says where it tried and what to check.
+#[tokio::test]
+async fn an_endpoint_that_does_not_answer_fails_in_time_saying_where_it_tried() {
     let closed = TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .unwrap()
         .port();
-    // SAFETY: as above.
-    unsafe { std::env::set_var("AWS_ENDPOINT_URL", format!("http://127.0.0.1:{closed}")) };
+    let sdk = sdk(&format!("http://127.0.0.1:{closed}")).await;
+    let arn = "arn:aws:secretsmanager:us-east-1:123456789012:secret:azure-key-AbCdEf";
+    let config = config(&[("AZURE_OPENAI_API_KEY", arn)]);
     let started = Instant::now();
-    let unreachable_error = refused(&[("AZURE_OPENAI_API_KEY", &key_arn)], &logs).await;
+    let error = resolve(&config, &sdk)
+        .await
+        .expect_err("nothing answers")
+        .to_string();
+    assert!(started.elapsed() < Duration::from_secs(8), "{error}");
     assert!(
-        started.elapsed() < Duration::from_secs(8),
-        "{unreachable_error}"
+        error.contains("could not call Secrets Manager in us-east-1"),
+        "{error}"
     );
-    assert!(
-        unreachable_error.contains("could not call Secrets Manager in us-east-1"),
-        "{unreachable_error}"
-    );
-    assert!(unreachable_error.contains(&key_arn), "{unreachable_error}");
-
-    println!("{missing_error}\n{pool_error}\n{field_error}\n{empty_error}\n{unreachable_error}");
+    assert!(error.contains(arn), "{error}");
 }

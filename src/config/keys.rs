@@ -1,7 +1,7 @@
 //! Keys held in AWS. Any key variable (`AZURE_OPENAI_API_KEY`, the variables pool entries name
 //! with `key_env`, `CLIENT_API_KEYS`) may hold a reference to a Secrets Manager secret or an SSM
-//! SecureString instead of the key; [`resolve`] replaces every reference by its value once, at
-//! cold start, before the `App` is built.
+//! SecureString instead of the key; [`resolve`] fetches every reference's value once, at cold
+//! start, and returns them ([`Resolved`]) for the `App` to be built with.
 //!
 //! Accepted references:
 //! - `arn:aws:secretsmanager:REGION:ACCOUNT:secret:NAME-SUFFIX`, or `secretsmanager:NAME_OR_ARN`:
@@ -13,7 +13,7 @@ use std::fmt;
 use std::time::Duration;
 
 use aws_config::timeout::TimeoutConfig;
-use aws_config::{BehaviorVersion, Region, SdkConfig};
+use aws_config::{Region, SdkConfig};
 use aws_sdk_secretsmanager::error::{ProvideErrorMetadata, SdkError};
 
 use crate::clock::{Clock, SystemClock};
@@ -199,29 +199,47 @@ impl Problem {
     }
 }
 
-/// Replaces every referenced key in `config` (pool keys and client keys) by its value. Loads
-/// aws-config (region, credentials from the Lambda environment; AWS_ENDPOINT_URL honoured) and
-/// builds the clients only when at least one reference is present, so plain-variable deployments
-/// pay nothing at cold start. Each distinct reference is fetched once (pool entries often share one),
-/// concurrently. Errors name the variable/pool entry and the reference (the ARN/name is not a secret;
-/// never include a fetched value or the AWS error's raw body if it could contain one) and say what
-/// to fix (missing secret, access denied -> "give the function secretsmanager:GetSecretValue on it", etc.).
-///
-/// References to different `#field`s of one secret share a single GetSecretValue call.
-pub async fn resolve(config: &mut Config) -> Result<(), ConfigError> {
+/// What [`resolve`] fetched: the value of every key variable that held a reference.
+#[derive(Debug, Default)]
+pub struct Resolved {
+    /// By index into `config.pool.deployments`.
+    deployments: Vec<(usize, Secret)>,
+    clients: Option<Secret>,
+}
+
+impl Resolved {
+    /// `config` with every referenced key replaced by its value.
+    pub fn apply(self, mut config: Config) -> Config {
+        for (i, key) in self.deployments {
+            if let Some(d) = config.pool.deployments.get_mut(i) {
+                d.key = Some(key);
+            }
+        }
+        if let Some(keys) = self.clients {
+            config.client_keys = Some(keys);
+        }
+        config
+    }
+}
+
+/// Whether any key variable of `config` holds a reference (and so needs the AWS SDK).
+pub fn referenced(config: &Config) -> bool {
+    !references(config).is_empty()
+}
+
+/// Fetches every referenced key of `config` (pool keys and client keys) through `aws` (region,
+/// credentials from the Lambda environment; AWS_ENDPOINT_URL honoured). Each distinct reference
+/// is fetched once (pool entries often share one), concurrently, and references to different
+/// `#field`s of one secret share a single GetSecretValue call. Nothing is called when no
+/// variable holds a reference. Errors name the variable/pool entry and the reference (the
+/// ARN/name is not a secret; never a fetched value or the AWS error's raw body) and say what to
+/// fix (missing secret, access denied -> "give the function secretsmanager:GetSecretValue on
+/// it", etc.).
+pub async fn resolve(config: &Config, aws: &SdkConfig) -> Result<Resolved, ConfigError> {
     let wanted = references(config);
     if wanted.is_empty() {
-        return Ok(());
+        return Ok(Resolved::default());
     }
-
-    let timeouts = TimeoutConfig::builder()
-        .operation_timeout(FETCH_TIMEOUT)
-        .build();
-    let aws = aws_config::defaults(BehaviorVersion::latest())
-        .http_client(config.http.for_aws())
-        .timeout_config(timeouts)
-        .load()
-        .await;
     let mut sources: Vec<Source> = Vec::new();
     for (_, reference) in &wanted {
         let source = reference.source();
@@ -231,7 +249,7 @@ pub async fn resolve(config: &mut Config) -> Result<(), ConfigError> {
     }
     let fetched = futures_util::future::join_all(sources.iter().map(|source| async {
         let started = SystemClock.now();
-        let result = fetch(&aws, source).await;
+        let result = fetch(aws, source).await;
         (result, SystemClock.now() - started)
     }))
     .await;
@@ -268,14 +286,15 @@ pub async fn resolve(config: &mut Config) -> Result<(), ConfigError> {
         values.insert(reference, value);
     }
 
+    let mut resolved = Resolved::default();
     for (slot, reference) in &wanted {
-        let key = Some(Secret::new(values[reference].clone()));
+        let key = Secret::new(values[reference].clone());
         match slot {
-            Slot::Pool(i) => config.pool.deployments[*i].key = key,
-            Slot::ClientKeys => config.client_keys = key,
+            Slot::Pool(i) => resolved.deployments.push((*i, key)),
+            Slot::ClientKeys => resolved.clients = Some(key),
         }
     }
-    Ok(())
+    Ok(resolved)
 }
 
 /// Every key slot of `config` that holds a reference, pool entries first.
@@ -377,11 +396,19 @@ fn pick(text: &str, field: Option<&str>) -> Result<String, Problem> {
     Ok(value)
 }
 
+/// Each fetch, retries included, within [`FETCH_TIMEOUT`].
+fn fetch_timeout() -> TimeoutConfig {
+    TimeoutConfig::builder()
+        .operation_timeout(FETCH_TIMEOUT)
+        .build()
+}
+
 /// Fetches one secret's SecretString or one parameter's decrypted value.
 async fn fetch(aws: &SdkConfig, source: &Source) -> Result<String, Problem> {
     match source {
         Source::Secret(id) => {
-            let mut conf = aws_sdk_secretsmanager::config::Builder::from(aws);
+            let mut conf =
+                aws_sdk_secretsmanager::config::Builder::from(aws).timeout_config(fetch_timeout());
             if let Some(region) = arn_region(id) {
                 conf = conf.region(Region::new(region.to_owned()));
             }
@@ -400,7 +427,7 @@ async fn fetch(aws: &SdkConfig, source: &Source) -> Result<String, Problem> {
             })
         }
         Source::Parameter(name) => {
-            let mut conf = aws_sdk_ssm::config::Builder::from(aws);
+            let mut conf = aws_sdk_ssm::config::Builder::from(aws).timeout_config(fetch_timeout());
             if let Some(region) = arn_region(name) {
                 conf = conf.region(Region::new(region.to_owned()));
             }

@@ -1,13 +1,14 @@
 //! Environment -> typed [`Config`], read once at cold start. Every mistake is found here, with a
-//! message that names the variable and says what to set.
+//! message that names the variable and says what to set. `Config` is data: the HTTP client, the
+//! AWS SDK and the App are built from it in lib.rs.
 
 pub mod keys;
-pub mod pool;
+mod pool;
 
 use std::time::Duration;
 
 use crate::error::ConfigError;
-use crate::net::{ExtraRoots, Http};
+use crate::net::ExtraRoots;
 use crate::pool::Pool;
 use crate::secret::Secret;
 
@@ -80,11 +81,9 @@ pub struct Config {
     pub health_refresh: Duration,
     /// The longest any call to the shared health table may take.
     pub health_timeout: Duration,
-    /// CAs trusted beyond the compiled-in public roots (`EXTRA_CA_CERTS`, a PEM file).
+    /// CAs trusted beyond the compiled-in public roots (`EXTRA_CA_CERTS`, a PEM file, read and
+    /// checked here); the HTTP client is built with them when the App is.
     pub extra_roots: ExtraRoots,
-    /// The one HTTP client (Azure, and AWS when keys or the health table live there), built
-    /// with those roots.
-    pub http: Http,
 }
 
 impl Config {
@@ -264,8 +263,6 @@ impl Config {
                 }
             })?,
         };
-        let http = Http::new(&extra_roots).map_err(|e| ConfigError::HttpClient(Box::new(e)))?;
-
         Ok(Self {
             pool,
             system_prompt,
@@ -288,7 +285,6 @@ impl Config {
             health_refresh,
             health_timeout,
             extra_roots,
-            http,
         })
     }
 }
@@ -421,7 +417,10 @@ mod tests {
         assert_eq!(d[0].endpoint, "https://res.openai.azure.com");
         let ids: Vec<&str> = d.iter().map(|d| d.id.as_str()).collect();
         assert_eq!(ids, ["gpt-4o", "gpt-35-turbo"]);
-        assert!(d[0].url().ends_with("?api-version=2024-10-21"));
+        assert!(
+            d[0].url("chat/completions")
+                .ends_with("?api-version=2024-10-21")
+        );
         assert_eq!(c.system_prompt, "You are a helpful assistant.");
         assert_eq!(c.max_query_chars, 4000);
         assert!(c.attempt_timeout <= c.request_timeout);

@@ -325,14 +325,17 @@ mod tests {
         assert_eq!(p.deployments.len(), 4);
         let d = &p.deployments;
         assert_eq!(
-            d[0].url(),
+            d[0].url("chat/completions"),
             "https://east.openai.azure.com/openai/deployments/gpt-4o/chat/completions?api-version=2024-10-21"
         );
         assert_eq!(
-            d[2].url(),
+            d[2].url("chat/completions"),
             "https://west.openai.azure.com/openai/v1/chat/completions"
         );
-        assert_eq!(d[3].url(), "http://127.0.0.1:11434/v1/chat/completions");
+        assert_eq!(
+            d[3].url("chat/completions"),
+            "http://127.0.0.1:11434/v1/chat/completions"
+        );
         assert_eq!(d[0].key.as_ref().unwrap().expose(), "east-secret");
         assert!(d[3].key.is_none(), "a v1 server may take no key");
         assert_eq!((d[1].priority, d[1].weight), (1, 3.0));
@@ -357,10 +360,10 @@ mod tests {
         let d = &p.deployments[0];
         assert_eq!(d.id, "gpt-4o");
         assert!(
-            d.url()
+            d.url("chat/completions")
                 .starts_with("https://res.openai.azure.com/openai/deployments/gpt-4o/")
         );
-        assert!(d.url().ends_with("2025-04-01-preview"));
+        assert!(d.url("chat/completions").ends_with("2025-04-01-preview"));
         assert_eq!(d.key.as_ref().unwrap().expose(), "default-secret");
         assert_eq!(p.default_route().members, [0]);
     }

@@ -7,6 +7,8 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use aws_config::SdkConfig;
+use aws_config::retry::RetryConfig;
 use aws_sdk_dynamodb::Client;
 use aws_sdk_dynamodb::error::{DisplayErrorContext, SdkError};
 use aws_sdk_dynamodb::operation::update_item::UpdateItemError;
@@ -14,7 +16,6 @@ use aws_sdk_dynamodb::operation::update_item::builders::UpdateItemFluentBuilder;
 use aws_sdk_dynamodb::types::{AttributeValue, ReturnValue};
 
 use super::shared::Shared;
-use crate::net::Http;
 
 /// The one item every environment reads.
 const ITEM: &str = "deployments";
@@ -58,16 +59,14 @@ pub enum Written {
 }
 
 impl Fleet {
-    /// A handle built from the Lambda environment (region, credentials, `AWS_ENDPOINT_URL`),
-    /// loaded only when a table is configured, calling AWS over the environment's one client.
-    pub async fn connect(table: &str, http: &Http) -> Self {
-        let aws = aws_config::defaults(aws_config::BehaviorVersion::latest())
-            .http_client(http.for_aws())
+    /// A handle on `table` through the AWS SDK's shared configuration (region, credentials,
+    /// `AWS_ENDPOINT_URL`, the environment's one HTTP client).
+    pub fn connect(table: &str, aws: &SdkConfig) -> Self {
+        let config = aws_sdk_dynamodb::config::Builder::from(aws)
             // One quick retry at most: the caller's time limit is a few tens of milliseconds.
-            .retry_config(aws_config::retry::RetryConfig::standard().with_max_attempts(2))
-            .load()
-            .await;
-        Self::new(Client::new(&aws), table)
+            .retry_config(RetryConfig::standard().with_max_attempts(2))
+            .build();
+        Self::new(Client::from_conf(config), table)
     }
 
     pub fn new(client: Client, table: &str) -> Self {

@@ -2,6 +2,7 @@
 //! out, or a JSON error with the status that says what happened.
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use lambda_http::http::{HeaderValue, Method, StatusCode, header};
 use lambda_http::{Request, RequestExt, Response};
@@ -10,7 +11,7 @@ use serde_json::{Map, Value, json};
 
 use crate::attempt::Answer;
 use crate::clock::Clock;
-use crate::outcome::{ChatBody, Completion, ContentFilter};
+use crate::outcome::{Completion, ContentFilter, JsonBody};
 use crate::reply::Reply;
 use crate::routing::RouteError;
 
@@ -61,7 +62,7 @@ fn route_message(error: &RouteError) -> String {
 }
 
 /// The request body for one question: system prompt first, then the user's question.
-pub(super) fn chat_body(system_prompt: &str, query: &str) -> ChatBody {
+pub(super) fn chat_body(system_prompt: &str, query: &str) -> JsonBody {
     let mut body = Map::new();
     body.insert(
         "messages".into(),
@@ -74,8 +75,12 @@ pub(super) fn chat_body(system_prompt: &str, query: &str) -> ChatBody {
 }
 
 impl<C: Clock> App<C> {
-    pub(super) async fn ask(self: &Arc<Self>, request: &Request) -> Response<Reply> {
-        let started = self.engine.clock().now();
+    /// `started`: when the request came.
+    pub(super) async fn ask(
+        self: &Arc<Self>,
+        request: &Request,
+        started: Instant,
+    ) -> Response<Reply> {
         let route = &self.engine.pool().default_route().name;
         let result = self.question(request).await;
         let latency = self.engine.clock().now() - started;
@@ -100,14 +105,16 @@ impl<C: Clock> App<C> {
     }
 
     /// Any path that is no endpoint.
-    pub(super) fn not_found(&self, request: &Request) -> Response<Reply> {
+    pub(super) fn not_found(&self, request: &Request, started: Instant) -> Response<Reply> {
         let error = AskError::NotFound {
             path: path(request).chars().take(200).collect(),
         };
         let response = error_response(&error);
         let route = &self.engine.pool().default_route().name;
-        Summary::refused(route, error.to_string())
-            .log(response.status().as_u16(), Default::default());
+        Summary::refused(route, error.to_string()).log(
+            response.status().as_u16(),
+            self.engine.clock().now() - started,
+        );
         response
     }
 

@@ -3,7 +3,7 @@
 
 mod app;
 mod ask;
-pub mod auth;
+pub(crate) mod auth;
 mod openai;
 mod respond;
 mod summary;
@@ -70,6 +70,8 @@ impl<C: Clock> App<C> {
     }
 
     async fn serve(self: &Arc<Self>, request: Request, delivery: Delivery) -> Response<Reply> {
+        // Every summary line's latency counts from here.
+        let started = self.engine.clock().now();
         let path = path(&request).to_owned();
         let endpoint = endpoint(&path);
         if let Err(refusal) = self.keys.check(request.headers()) {
@@ -87,12 +89,16 @@ impl<C: Clock> App<C> {
             return response;
         }
         match endpoint {
-            Endpoint::OpenAi => self.chat_completions(&request, None, delivery).await,
-            Endpoint::Azure { route } => {
-                self.chat_completions(&request, Some(route), delivery).await
+            Endpoint::OpenAi => {
+                self.chat_completions(&request, None, delivery, started)
+                    .await
             }
-            Endpoint::Ask => self.ask(&request).await,
-            Endpoint::Unknown => self.not_found(&request),
+            Endpoint::Azure { route } => {
+                self.chat_completions(&request, Some(route), delivery, started)
+                    .await
+            }
+            Endpoint::Ask => self.ask(&request, started).await,
+            Endpoint::Unknown => self.not_found(&request, started),
         }
     }
 

@@ -3,20 +3,24 @@
 //! untouched; `model` (or the path) picks the route; errors are OpenAI-style error objects.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
+use bytes::Bytes;
 use lambda_http::http::{HeaderValue, Method, StatusCode, header};
 use lambda_http::{Request, Response};
 use serde_json::{Map, Value, json};
+use tokio_stream::StreamExt;
+use tokio_stream::wrappers::ReceiverStream;
 use tracing::Instrument;
 use tracing::instrument::WithSubscriber;
 
 use crate::attempt::{Answer, Exhausted};
 use crate::clock::Clock;
-use crate::outcome::{ChatBody, Completion};
+use crate::outcome::{Completion, JsonBody};
 use crate::pool::Route;
 use crate::reply::Reply;
-use crate::routing::{Delivery, RouteError, Streamed};
+use crate::routing::{Delivery, Relayed, RouteError, StreamEnding, Streamed};
+use crate::sse;
 
 use super::app::App;
 use super::auth::Refusal;
@@ -156,9 +160,9 @@ impl<C: Clock> App<C> {
         request: &Request,
         path_route: Option<&str>,
         delivery: Delivery,
+        started: Instant,
     ) -> Response<Reply> {
         let clock = self.engine.clock();
-        let started = clock.now();
         let (route, body) = match self.parse(request, path_route) {
             Ok(parsed) => parsed,
             Err(error) => {
@@ -178,7 +182,7 @@ impl<C: Clock> App<C> {
             self.engine
                 .complete(route, &body, deadline)
                 .await
-                .map(whole)
+                .map(|answer| self.whole(answer, started))
         };
         let latency = clock.now() - started;
         match result {
@@ -198,7 +202,7 @@ impl<C: Clock> App<C> {
         &self,
         request: &Request,
         path_route: Option<&str>,
-    ) -> Result<(&Route, ChatBody), Box<ApiError>> {
+    ) -> Result<(&Route, JsonBody), Box<ApiError>> {
         if request.method() != Method::POST {
             let mut e = ApiError::new(
                 StatusCode::METHOD_NOT_ALLOWED,
@@ -222,7 +226,7 @@ impl<C: Clock> App<C> {
             e.code = Some("request_too_large".into());
             return Err(e);
         }
-        let body: ChatBody = match serde_json::from_slice::<Value>(raw) {
+        let body: JsonBody = match serde_json::from_slice::<Value>(raw) {
             Ok(Value::Object(body)) => body,
             Ok(_) => {
                 return Err(ApiError::invalid(
@@ -249,7 +253,7 @@ impl<C: Clock> App<C> {
     fn route_for(
         &self,
         path_route: Option<&str>,
-        body: &ChatBody,
+        body: &JsonBody,
     ) -> Result<&Route, Box<ApiError>> {
         let pool = self.engine.pool();
         let name = path_route.or_else(|| body.get("model").and_then(Value::as_str));
@@ -277,20 +281,21 @@ impl<C: Clock> App<C> {
     }
 }
 
-/// A whole completion, passed through exactly as the deployment sent it; its summary logged.
-fn whole(answer: Answer<Completion>) -> Response<Reply> {
-    let mut response = Response::new(Reply::full(answer.output.raw.clone()));
-    response.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
-    fallback_headers(&mut response, &answer.deployment, answer.calls());
-    let tokens = answer.output.total_tokens();
-    Summary::answered(&answer, tokens).log(200, Duration::ZERO);
-    response
-}
-
 impl<C: Clock> App<C> {
+    /// A whole completion, passed through exactly as the deployment sent it; its summary logged
+    /// with the time since the request came (`started`).
+    fn whole(&self, answer: Answer<Completion>, started: Instant) -> Response<Reply> {
+        let mut response = Response::new(Reply::full(answer.output.raw.clone()));
+        response.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        fallback_headers(&mut response, &answer.deployment, answer.calls());
+        let tokens = answer.output.total_tokens();
+        Summary::answered(&answer, tokens).log(200, self.engine.clock().now() - started);
+        response
+    }
+
     /// A stream, relayed as the deployment produces it; its summary is logged when it has ended
     /// (`started` is when the request came), naming every deployment that produced it.
     fn streamed(&self, answer: Answer<Streamed>, started: Instant) -> Response<Reply> {
@@ -303,6 +308,7 @@ impl<C: Clock> App<C> {
             summary.ended(report).log(200, clock.now() - started);
         };
         tokio::spawn(log.in_current_span().with_current_subscriber());
+        let frames = ReceiverStream::new(frames).filter_map(chat_frame);
         let mut response = Response::new(Reply::stream(frames));
         let headers = response.headers_mut();
         headers.insert(
@@ -315,7 +321,44 @@ impl<C: Clock> App<C> {
     }
 }
 
-fn check_messages(body: &ChatBody) -> Result<(), Box<ApiError>> {
+/// A relayed chat stream, on the wire: its events, then `[DONE]` for a complete answer, or the
+/// error event that says it is not.
+fn chat_frame(item: Relayed) -> Option<Bytes> {
+    match item {
+        Relayed::Frame(frame) => Some(frame),
+        Relayed::End(StreamEnding::Done) => Some(sse::done()),
+        Relayed::End(StreamEnding::Interrupted {
+            deployment,
+            why,
+            tries,
+            reported: false,
+        }) => Some(interrupted_event(&deployment, &why.to_string(), tries)),
+        Relayed::End(
+            StreamEnding::Interrupted { reported: true, .. }
+            | StreamEnding::Refused
+            | StreamEnding::Gone,
+        ) => None,
+    }
+}
+
+/// The event that ends an interrupted stream instead of `[DONE]`: `stream_interrupted`, naming
+/// the original failure (never the refusal of a rescue); the OpenAI SDKs raise it as an error.
+fn interrupted_event(deployment: &str, why: &str, tries: u32) -> Bytes {
+    let rescue = match tries {
+        0 => String::new(),
+        1 => "; it could not be continued on another deployment".to_owned(),
+        n => format!("; {n} attempts to continue it on another deployment failed"),
+    };
+    let message = format!(
+        "The answer from deployment {deployment} was interrupted ({why}){rescue}; it is incomplete. Retry the request."
+    );
+    sse::event(
+        &json!({"error": {"message": message, "type": "server_error", "code": "stream_interrupted"}})
+            .to_string(),
+    )
+}
+
+fn check_messages(body: &JsonBody) -> Result<(), Box<ApiError>> {
     let messages = match body.get("messages") {
         None | Some(Value::Null) => {
             return Err(ApiError::invalid(

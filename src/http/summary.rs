@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use crate::attempt::{Answer, Attempt, calls};
 use crate::clock::millis;
-use crate::routing::{RouteError, StreamReport};
+use crate::routing::{RouteError, StreamEnding, StreamReport};
 
 pub(super) struct Summary {
     route: String,
@@ -17,7 +17,7 @@ pub(super) struct Summary {
     error: Option<String>,
     /// The deployments that went on with a stream another began.
     continued_on: Vec<String>,
-    /// How a stream ended.
+    /// How a stream ended (`unknown`: the relay stopped without saying).
     ending: Option<&'static str>,
 }
 
@@ -81,12 +81,12 @@ impl Summary {
             self.ending = Some("unknown");
             return self;
         };
-        self.ending = Some(report.ending);
+        self.ending = Some(report.ending.as_str());
         self.tokens = report.tokens;
         self.attempts.extend(report.attempts);
         self.continued_on = report.deployments.into_iter().skip(1).collect();
-        if report.ending != "done" {
-            self.error = Some(format!("the stream ended: {}", report.ending));
+        if report.ending != StreamEnding::Done {
+            self.error = Some(format!("the stream ended: {}", report.ending.as_str()));
         }
         self
     }

@@ -1,77 +1,42 @@
-//! The Engine: everything the routing policy needs, owned in one place (the pool, the upstream
-//! client, what this environment remembers, the clock and the settings), and the two ways of
-//! asking it for an answer: whole, or streamed.
+//! The Engine: what the routing policy needs, built once per execution environment (the pool,
+//! the upstream client, the fleet sync, the clock and the settings), and the two ways of asking
+//! it for an answer: whole, or streamed. Each lends the policy ([`Failover`]) what it borrows.
 
-use std::sync::OnceLock;
-use std::time::{Duration, Instant};
+use std::sync::{Arc, OnceLock};
+use std::time::Instant;
 
 use metrics_cloudwatch_embedded::Collector;
+use tracing::Instrument;
+use tracing::instrument::WithSubscriber;
 
-use crate::attempt::{Answer, Attempt, Exhausted};
+use crate::attempt::Answer;
 use crate::clock::Clock;
-use crate::health::{Breaker, Fleet, HealthTable};
+use crate::health::Fleet;
 use crate::net::Http;
-use crate::outcome::{ChatBody, Completion, ContentFilter};
+use crate::outcome::JsonBody;
 use crate::pool::{Pool, Route};
 use crate::telemetry;
-use crate::upstream::Upstream;
+use crate::upstream::{Chat, Kind, Streaming, Upstream};
 
-use super::link::{FleetLink, WARM_UP_LIMIT, Writes};
+use super::failover::{Failover, RouteError};
+use super::relay::{self, Delivery, Relay, Streamed};
+use super::settings::Settings;
+use super::sync::{FleetSync, Writes};
 
-/// The policy's settings (read from the environment at cold start).
-#[derive(Debug, Clone, Copy)]
-pub struct Settings {
-    /// Longest one deployment may take before the next is tried.
-    pub attempt_timeout: Duration,
-    /// How long to skip a deployment whose 429 said nothing about when to return.
-    pub throttle_cooldown: Duration,
-    /// A stream that has sent no content this long after its request is a failed attempt.
-    pub first_token_timeout: Duration,
-    /// A stream that sends nothing this long once it has started is cut.
-    pub stream_idle_timeout: Duration,
-    /// How many times, at most, a stream cut after its first content is continued on another
-    /// deployment (0: never; the stream ends with an honest error instead).
-    pub continuations: u32,
-    pub breaker: Breaker,
-    /// While probes keep timing out, each opening doubles up to this.
-    pub max_open: Duration,
-    /// How often, at most, the fleet's table is read on the request path.
-    pub health_refresh: Duration,
-    /// The longest any call to the fleet's table may take.
-    pub health_timeout: Duration,
-}
-
-/// Why a request got no answer.
-#[derive(Debug)]
-pub enum RouteError {
-    /// A provider's safety system refused the prompt: the request ends here, unanswered by
-    /// any other deployment.
-    ContentFiltered {
-        route: String,
-        deployment: String,
-        filter: ContentFilter,
-        attempts: Vec<Attempt>,
-    },
-    /// No deployment could answer.
-    Unavailable(Exhausted),
-}
-
-/// The routing policy and everything it acts on. Built once per execution environment.
+/// The routing policy's parts. Built once per execution environment.
 pub struct Engine<C: Clock> {
-    pub(super) pool: Pool,
-    pub(super) upstream: Upstream,
-    pub(super) health: HealthTable,
-    pub(super) clock: C,
-    pub(super) settings: Settings,
-    /// The fleet's shared health, when a table is configured.
-    pub(super) fleet: Option<FleetLink>,
+    pool: Pool,
+    upstream: Upstream,
+    sync: FleetSync<C>,
+    clock: C,
+    settings: Settings,
     /// Where EMF metrics are collected, once installed (tests usually run without).
-    pub(super) metrics: OnceLock<&'static Collector>,
+    metrics: OnceLock<&'static Collector>,
 }
 
 impl<C: Clock> Engine<C> {
-    /// Prepares each deployment's calls over `http` and builds the health table; `seed` seeds
-    /// the weighted random choice; `fleet` shares health with the rest of the fleet.
+    /// Prepares each deployment's calls over `http` and its health; `seed` seeds the weighted
+    /// random choice; `fleet` shares health with the rest of the fleet.
     pub fn new(
         pool: Pool,
         http: &Http,
@@ -80,35 +45,19 @@ impl<C: Clock> Engine<C> {
         seed: u64,
         fleet: Option<Fleet>,
     ) -> Self {
-        let fleet = fleet.map(|fleet| {
-            let keys = pool
-                .deployments
-                .iter()
-                .map(|d| Fleet::key(&d.endpoint, &d.deployment))
-                .collect();
-            FleetLink::new(
-                fleet,
-                keys,
-                settings.health_refresh,
-                settings.health_timeout,
-            )
-        });
         Self {
             upstream: Upstream::new(&pool, http),
-            health: HealthTable::new(pool.deployments.len(), settings.breaker, seed)
-                .with_max_open(settings.max_open),
+            sync: FleetSync::new(&pool.deployments, &settings, clock.clone(), seed, fleet),
             pool,
             clock,
             settings,
-            fleet,
             metrics: OnceLock::new(),
         }
     }
 
-    /// Before the first request: what the fleet already knows (a new environment does not start
-    /// blind), and the table's connection made.
+    /// Before the first request: what the fleet already knows, and the table's connection made.
     pub async fn warm_up(&self) {
-        self.refresh(WARM_UP_LIMIT, true).await;
+        self.sync.warm_up().await;
     }
 
     /// Flushes EMF metrics to stdout when a stream this engine relays ends.
@@ -125,34 +74,111 @@ impl<C: Clock> Engine<C> {
         &self.clock
     }
 
-    /// The moment `budget` from now: the request's deadline.
-    pub fn deadline(&self, budget: Duration) -> Instant {
-        self.clock.now() + budget
+    /// The policy, lent what it acts on.
+    fn failover(&self) -> Failover<'_, C> {
+        Failover {
+            pool: &self.pool,
+            upstream: &self.upstream,
+            sync: &self.sync,
+            clock: &self.clock,
+            settings: &self.settings,
+        }
     }
 
-    /// Asks the route's deployments for a whole completion until one answers, before `deadline`.
+    /// Asks the route's deployments for a whole chat completion until one answers, before
+    /// `deadline`.
     pub async fn complete(
         &self,
         route: &Route,
-        body: &ChatBody,
+        body: &JsonBody,
         deadline: Instant,
-    ) -> Result<Answer<Completion>, RouteError> {
+    ) -> Result<Answer<<Chat as Kind>::Answer>, RouteError> {
+        self.whole::<Chat>(route, body, deadline).await
+    }
+
+    /// A whole answer of kind `K`; the request's table writes finished before it returns.
+    async fn whole<K: Kind>(
+        &self,
+        route: &Route,
+        body: &JsonBody,
+        deadline: Instant,
+    ) -> Result<Answer<K::Answer>, RouteError> {
         let mut writes = Writes::default();
         let result = self
-            .failover(route, deadline, &[], &mut writes, |index, timeout| {
-                self.upstream.chat(&self.clock, index, body, timeout)
-            })
+            .failover()
+            .whole::<K>(route, body, deadline, &mut writes)
             .await;
-        self.finish(writes).await;
-        let (_, answer) = result?;
-        telemetry::answered(&answer.deployment, answer.output.total_tokens());
+        self.sync.finish(writes).await;
+        let answer = result?;
+        telemetry::answered(&answer.deployment, K::tokens(&answer.output));
         Ok(answer)
     }
 
-    pub(super) fn id(&self, index: usize) -> &str {
-        self.pool
-            .deployments
-            .get(index)
-            .map_or("unknown", |d| d.id.as_str())
+    /// A streamed chat completion ([`Engine::stream_of`]).
+    pub async fn stream(
+        self: &Arc<Self>,
+        route: &Route,
+        body: &JsonBody,
+        deadline: Instant,
+        delivery: Delivery,
+    ) -> Result<Answer<Streamed>, RouteError> {
+        self.stream_of::<Chat>(route, body, deadline, delivery)
+            .await
+    }
+
+    /// Fails over until a deployment's stream produces content within the time-to-first-token
+    /// limit, then relays it from a background task: the answer's output is the frames to send
+    /// and, when the stream has ended, its report. Errors come back before any byte is sent.
+    /// `delivery` says whether the caller sees frames as they come or only the whole answer.
+    async fn stream_of<K: Streaming>(
+        self: &Arc<Self>,
+        route: &Route,
+        body: &JsonBody,
+        deadline: Instant,
+        delivery: Delivery,
+    ) -> Result<Answer<Streamed>, RouteError> {
+        let mut writes = Writes::default();
+        let opened = self
+            .failover()
+            .open::<K>(route, body, deadline, &[], &mut writes)
+            .await;
+        let (index, answer) = match opened {
+            Ok(opened) => opened,
+            Err(error) => {
+                self.sync.finish(writes).await;
+                return Err(error);
+            }
+        };
+        telemetry::answered(&answer.deployment, None);
+        let Answer {
+            route: route_name,
+            deployment,
+            output: opened,
+            attempts,
+        } = answer;
+        let (out, report, streamed) = relay::channel(delivery);
+        let engine = Arc::clone(self);
+        let (route, body) = (route.clone(), body.clone());
+        let run = async move {
+            let relay = Relay::<C, K>::new(
+                engine.failover(),
+                route,
+                body,
+                deadline,
+                out,
+                report,
+                writes,
+            );
+            relay.run(index, opened).await;
+            telemetry::flush(engine.metrics.get().copied());
+        };
+        // The caller's span and log subscriber go with it, so its lines carry the request id.
+        tokio::spawn(run.in_current_span().with_current_subscriber());
+        Ok(Answer {
+            route: route_name,
+            deployment,
+            output: streamed,
+            attempts,
+        })
     }
 }

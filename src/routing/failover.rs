@@ -1,7 +1,11 @@
 //! The policy, top to bottom: choose the next deployment (health decides which are usable,
 //! priority and weight decide among them), call it within what is left of the deadline,
-//! classify the outcome, record it, and decide whether to go on. One loop for buffered and
-//! streamed calls alike; the call itself is the only thing that differs.
+//! classify the outcome, record it, and decide whether to go on. One loop for every kind of
+//! call, buffered or streamed; the call itself is the only thing that differs.
+//!
+//! [`Failover`] borrows what the policy acts on (the pool, the upstream client, the fleet sync,
+//! the clock, the settings): the Engine lends it for a request, and a stream's relay holds one
+//! for the rescues it may need.
 
 use std::future::Future;
 use std::time::{Duration, Instant};
@@ -9,12 +13,13 @@ use std::time::{Duration, Instant};
 use crate::attempt::{Answer, Attempt, AttemptOutcome, DeploymentState, Exhausted};
 use crate::clock::{Clock, millis};
 use crate::health::{Event, State};
-use crate::outcome::{Called, Failure, Transient};
-use crate::pool::{Deployment, Route};
+use crate::outcome::{Called, ContentFilter, Failure, JsonBody, Transient};
+use crate::pool::{Deployment, Pool, Route};
 use crate::telemetry;
+use crate::upstream::{Kind, Opened, Streaming, Upstream};
 
-use super::engine::{Engine, RouteError};
-use super::link::Writes;
+use super::settings::Settings;
+use super::sync::{FleetSync, Writes};
 
 /// An attempt needs at least this long to be worth starting (one in-region round trip).
 pub const MIN_ATTEMPT: Duration = Duration::from_millis(100);
@@ -24,6 +29,48 @@ const TRANSIENT_RECOVERY: Duration = Duration::from_secs(1);
 /// (and at least `MIN_PROBE`) before it counts as another timeout.
 const PROBE_LATENCIES: u32 = 4;
 const MIN_PROBE: Duration = Duration::from_secs(1);
+
+/// Why a request got no answer.
+#[derive(Debug)]
+pub enum RouteError {
+    /// A provider's safety system refused the prompt: the request ends here, unanswered by
+    /// any other deployment.
+    ContentFiltered {
+        route: String,
+        deployment: String,
+        filter: ContentFilter,
+        attempts: Vec<Attempt>,
+    },
+    /// No deployment could answer.
+    Unavailable(Exhausted),
+}
+
+impl RouteError {
+    /// The attempts it carries.
+    pub fn into_attempts(self) -> Vec<Attempt> {
+        match self {
+            RouteError::ContentFiltered { attempts, .. } => attempts,
+            RouteError::Unavailable(exhausted) => exhausted.attempts,
+        }
+    }
+}
+
+/// The policy, and everything it acts on, borrowed.
+pub struct Failover<'a, C: Clock> {
+    pub pool: &'a Pool,
+    pub upstream: &'a Upstream,
+    pub sync: &'a FleetSync<C>,
+    pub clock: &'a C,
+    pub settings: &'a Settings,
+}
+
+impl<C: Clock> Clone for Failover<'_, C> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+
+impl<C: Clock> Copy for Failover<'_, C> {}
 
 /// What the request has learned so far about which deployments are worth trying.
 struct Tried {
@@ -47,13 +94,48 @@ impl Tried {
     }
 }
 
-impl<C: Clock> Engine<C> {
+impl<C: Clock> Failover<'_, C> {
+    /// Asks `route`'s deployments for a whole answer of kind `K` until one answers, before
+    /// `deadline`.
+    pub async fn whole<K: Kind>(
+        &self,
+        route: &Route,
+        body: &JsonBody,
+        deadline: Instant,
+        writes: &mut Writes,
+    ) -> Result<Answer<K::Answer>, RouteError> {
+        let (_, answer) = self
+            .run(route, deadline, &[], writes, |index, timeout| {
+                self.upstream.call::<K>(self.clock, index, body, timeout)
+            })
+            .await?;
+        Ok(answer)
+    }
+
+    /// The loop for a stream of kind `K`: a deployment of `route` (none in `exclude`) whose
+    /// stream for `body` has produced its first content, and its index.
+    pub async fn open<K: Streaming>(
+        &self,
+        route: &Route,
+        body: &JsonBody,
+        deadline: Instant,
+        exclude: &[usize],
+        writes: &mut Writes,
+    ) -> Result<(usize, Answer<Opened>), RouteError> {
+        let first_token = self.settings.first_token_timeout;
+        self.run(route, deadline, exclude, writes, |index, timeout| {
+            self.upstream
+                .open::<K>(self.clock, index, body, timeout, first_token)
+        })
+        .await
+    }
+
     /// The loop every request runs: choose a deployment, let `call` try it (once, or twice
     /// after a single 500 or reset) with what is left of the time before `deadline`, and go on
     /// according to the outcome until one answers or none is left. `call` gets the deployment's
     /// index and the time its call may take. What the calls teach the fleet goes to `writes`;
     /// the deployments in `exclude` are not tried.
-    pub(super) async fn failover<T, F, Fut>(
+    async fn run<T, F, Fut>(
         &self,
         route: &Route,
         deadline: Instant,
@@ -73,7 +155,7 @@ impl<C: Clock> Engine<C> {
         let mut attempts = Vec::new();
         let mut out_of_time = false;
         let mut failed: Option<usize> = None;
-        self.refresh(self.fleet_limit(), false).await;
+        self.sync.refresh().await;
 
         loop {
             if self.remaining(deadline) < MIN_ATTEMPT {
@@ -81,10 +163,7 @@ impl<C: Clock> Engine<C> {
                 break;
             }
             let skip = |i: usize| tried.rules_out(i, pool);
-            let Some(choice) = self
-                .health
-                .choose(&route.members, pool, skip, self.clock.now())
-            else {
+            let Some(choice) = self.sync.choose(&route.members, pool, skip) else {
                 break;
             };
             let index = choice.index;
@@ -94,7 +173,7 @@ impl<C: Clock> Engine<C> {
             } else {
                 self.settings.attempt_timeout
             };
-            if !self.lease(&choice, limit).await {
+            if !self.sync.lease(&choice, limit).await {
                 continue;
             }
             tried.called[index] = true;
@@ -142,19 +221,22 @@ impl<C: Clock> Engine<C> {
     }
 
     /// Time left before `deadline`.
-    pub(super) fn remaining(&self, deadline: Instant) -> Duration {
+    pub fn remaining(&self, deadline: Instant) -> Duration {
         deadline.saturating_duration_since(self.clock.now())
     }
 
-    /// The time limit of calls to the fleet's table.
-    fn fleet_limit(&self) -> Duration {
-        self.settings.health_timeout
+    /// Deployment `index`'s id, as logs and responses name it.
+    pub fn id(&self, index: usize) -> &str {
+        self.pool
+            .deployments
+            .get(index)
+            .map_or("unknown", |d| d.id.as_str())
     }
 
     /// How long a probe of deployment `index` may take: a few times its usual latency when it
     /// has answered before, the first-token limit otherwise, never more than an attempt.
     fn probe_timeout(&self, index: usize) -> Duration {
-        let limit = match self.health.latency(index) {
+        let limit = match self.sync.latency(index) {
             Some(latency) => (latency * PROBE_LATENCIES).max(MIN_PROBE),
             None => self.settings.first_token_timeout,
         };
@@ -206,7 +288,7 @@ impl<C: Clock> Engine<C> {
                 failure,
                 Failure::Transient(Transient::Status(500) | Transient::Reset)
             )
-            && self.health.state(index, self.clock.now()).usable()
+            && self.sync.state(index).usable()
             && self.remaining(deadline) >= MIN_ATTEMPT
     }
 
@@ -237,8 +319,7 @@ impl<C: Clock> Engine<C> {
             Err(Failure::Transient(_) | Failure::Misconfigured { .. }) => Event::Failure,
             Err(_) => Event::Refused,
         };
-        let change = self.health.record(index, event, now);
-        self.publish(index, change, writes);
+        self.sync.record(index, event, now, writes);
 
         let mut attempt = Attempt {
             deployment: self.id(index).to_owned(),
@@ -255,7 +336,7 @@ impl<C: Clock> Engine<C> {
             match failure {
                 Failure::Throttled { .. } => {
                     // The table may hold a longer cooldown than this 429 asked for.
-                    let until = self.health.state(index, now).until();
+                    let until = self.sync.state(index).until();
                     attempt.retry_after_ms = Some(until.map_or(0, |u| millis(u - now)));
                 }
                 Failure::Misconfigured {
@@ -295,7 +376,7 @@ impl<C: Clock> Engine<C> {
         let mut deployments = Vec::with_capacity(route.members.len());
         let mut soonest = None::<Duration>;
         for &i in &route.members {
-            let state = self.health.state(i, now);
+            let state = self.sync.state(i);
             let wait = state
                 .until()
                 .map(|until| until.saturating_duration_since(now));

@@ -1,14 +1,16 @@
-//! The routing policy: an [`Engine`] that owns the pool, the upstream client, the health table,
-//! the clock and the settings, and one failover loop that serves whole and streamed answers,
-//! sharing what it learns with the rest of the fleet when a table is configured.
+//! The routing policy: an [`Engine`] built once per execution environment, which lends a
+//! `Failover` policy what it acts on for each request; one loop for every kind of
+//! call, whole or streamed; one owner and writer of health (`sync`), which shares it with the
+//! rest of the fleet when a table is configured; and the relay that rescues a cut stream.
 
 mod engine;
 mod failover;
-mod fleet;
-mod link;
 mod relay;
+mod settings;
 mod splice;
-mod stream;
+mod sync;
 
-pub use engine::{Engine, RouteError, Settings};
-pub use relay::{Delivery, StreamReport, Streamed};
+pub use engine::Engine;
+pub use failover::RouteError;
+pub use relay::{Delivery, Relayed, StreamEnding, StreamReport, Streamed};
+pub use settings::Settings;

@@ -1,48 +1,41 @@
 //! Relaying a committed stream, and rescuing it. A stream that is cut, stalls past
-//! `STREAM_IDLE_TIMEOUT_MS` or ends without a `finish_reason` after its first content is
-//! continued on the next deployment the route would choose: the original messages plus the text
-//! already sent as a partial assistant answer and a short instruction to go on, its first words
+//! `STREAM_IDLE_TIMEOUT_MS` or ends without finishing after its first content is continued on
+//! the next deployment the route would choose (the kind of call says how: chat asks with the
+//! original messages plus the partial answer and an instruction to go on), its first words
 //! trimmed where they repeat the end of what was sent, its chunks relayed as further chunks of
 //! the same stream. A continuation that is refused is tried once more as the original request
 //! restarted, used only if its text begins with exactly what was sent. What cannot be continued
 //! (a tool call, several choices, log probabilities), or cannot be within the deadline and the
-//! number of continuations allowed, ends with the honest `stream_interrupted` error that names
-//! the original failure. Behind a buffered front (API Gateway) nothing has reached the caller
-//! yet, so an answer that cannot be continued is restarted whole on the next deployment.
+//! number of continuations allowed, ends with [`StreamEnding::Interrupted`], which the surface
+//! turns into an honest error event. Behind a buffered front (API Gateway) nothing has reached
+//! the caller yet, so an answer that cannot be continued is restarted whole on the next
+//! deployment.
 
-use std::sync::Arc;
+use std::fmt;
+use std::marker::PhantomData;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use serde_json::{Value, json};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::attempt::{Answer, Attempt};
 use crate::clock::Clock;
 use crate::health::Event;
-use crate::outcome::{ChatBody, total_tokens};
+use crate::outcome::{JsonBody, total_tokens};
 use crate::pool::Route;
 use crate::sse;
 use crate::telemetry;
-use crate::upstream::{Chunk, Next, Opened, StreamEvent};
+use crate::upstream::{Chunk, Edit, Next, Opened, Spent, StreamEvent, Streaming};
 
-use super::engine::{Engine, RouteError};
-use super::failover::MIN_ATTEMPT;
-use super::link::Writes;
+use super::failover::{Failover, MIN_ATTEMPT, RouteError};
 use super::splice::{self, Join};
+use super::sync::Writes;
 
 /// After the final `finish_reason`, what is left (a usage event, `[DONE]`) must follow soon;
 /// past this the stream is finalised without waiting for it.
 const FINALISE_GRACE: Duration = Duration::from_secs(2);
 /// Frames queued between the upstream reader and a slow caller.
 const RELAY_BUFFER: usize = 64;
-/// Appended (after the partial answer) to ask another deployment to continue it. A trailing
-/// assistant message alone is not continued by OpenAI-format models (they start a new answer)
-/// and is refused by models that want the conversation to end with a user message; an
-/// instruction after it works with both.
-const CONTINUE: &str = "Continue your previous answer exactly where it stopped, even in the middle of a word or sentence. Write only the rest of it: do not repeat anything you already wrote and add nothing before it.";
-/// About what the instruction and its framing cost in prompt tokens, for the usage estimate.
-const INSTRUCTION_TOKENS: u64 = 40;
 
 /// How the caller receives the frames.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -53,9 +46,79 @@ pub enum Delivery {
     Buffered,
 }
 
+/// What the relay hands the surface: the events to pass on, then how the stream ended (the
+/// surface writes the last event, in its own wire format).
+#[derive(Debug, Clone)]
+pub enum Relayed {
+    Frame(Bytes),
+    End(StreamEnding),
+}
+
+/// Why a stream broke after its first content.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cut {
+    /// Nothing came within the stream idle timeout.
+    Stalled,
+    /// The request's deadline was reached while it was still running.
+    Deadline,
+    /// The body ended before the answer did.
+    EndedEarly,
+    /// The connection broke.
+    Broke,
+    /// The deployment sent an error event.
+    ErrorEvent,
+    /// A restart of the answer went another way than what was sent.
+    Diverged,
+}
+
+impl fmt::Display for Cut {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Cut::Stalled => "no event within the stream idle timeout",
+            Cut::Deadline => "the request's deadline was reached",
+            Cut::EndedEarly => "the stream ended before the answer did",
+            Cut::Broke => "the connection broke mid-answer",
+            Cut::ErrorEvent => "the deployment sent an error event",
+            Cut::Diverged => "it went another way",
+        })
+    }
+}
+
+/// How a relayed stream ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StreamEnding {
+    /// The answer is complete.
+    Done,
+    /// The provider's safety system stopped it: its error event was relayed as sent.
+    Refused,
+    /// It broke and could not be rescued: `deployment`'s stream, for `why`, after `tries`
+    /// attempts to continue it elsewhere. `reported`: the deployment's own error event was
+    /// relayed (nothing else was tried), and says it all.
+    Interrupted {
+        deployment: String,
+        why: Cut,
+        tries: u32,
+        reported: bool,
+    },
+    /// The caller went away.
+    Gone,
+}
+
+impl StreamEnding {
+    /// As the summary log line names it.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            StreamEnding::Done => "done",
+            StreamEnding::Refused => "refused",
+            StreamEnding::Interrupted { .. } => "interrupted",
+            StreamEnding::Gone => "gone",
+        }
+    }
+}
+
 /// A stream being relayed: its frames, and, once it has ended, what became of it.
 pub struct Streamed {
-    pub frames: mpsc::Receiver<Bytes>,
+    pub frames: mpsc::Receiver<Relayed>,
     pub report: oneshot::Receiver<StreamReport>,
 }
 
@@ -66,29 +129,48 @@ pub struct StreamReport {
     pub deployments: Vec<String>,
     /// The attempts made to continue (or restart) it.
     pub attempts: Vec<Attempt>,
-    /// `done`, `refused` (the provider's safety system stopped it), `interrupted`, or `gone`
-    /// (the caller left).
-    pub ending: &'static str,
+    pub ending: StreamEnding,
     /// `usage.total_tokens`, both deployments' when the caller asked for usage.
     pub tokens: Option<u64>,
 }
 
 /// Where the frames go.
-enum Output {
-    Streamed(mpsc::Sender<Bytes>),
+pub(super) enum Output {
+    Streamed(mpsc::Sender<Relayed>),
     Buffered {
-        tx: mpsc::Sender<Bytes>,
-        held: Vec<Bytes>,
+        tx: mpsc::Sender<Relayed>,
+        held: Vec<Relayed>,
     },
+}
+
+/// The two ends of a relay: where it writes, what the caller reads, and where the report goes.
+pub(super) fn channel(delivery: Delivery) -> (Output, oneshot::Sender<StreamReport>, Streamed) {
+    let (tx, frames) = mpsc::channel(RELAY_BUFFER);
+    let (report, reported) = oneshot::channel();
+    let out = match delivery {
+        Delivery::Streamed => Output::Streamed(tx),
+        Delivery::Buffered => Output::Buffered {
+            tx,
+            held: Vec::new(),
+        },
+    };
+    (
+        out,
+        report,
+        Streamed {
+            frames,
+            report: reported,
+        },
+    )
 }
 
 impl Output {
     /// False when the caller is gone.
-    async fn send(&mut self, frame: Bytes) -> bool {
+    async fn send(&mut self, item: Relayed) -> bool {
         match self {
-            Output::Streamed(tx) => tx.send(frame).await.is_ok(),
+            Output::Streamed(tx) => tx.send(item).await.is_ok(),
             Output::Buffered { held, .. } => {
-                held.push(frame);
+                held.push(item);
                 true
             }
         }
@@ -108,8 +190,8 @@ impl Output {
     /// Hands over what is held; the body ends when this returns.
     async fn close(self) {
         if let Output::Buffered { tx, held } = self {
-            for frame in held {
-                if tx.send(frame).await.is_err() {
+            for item in held {
+                if tx.send(item).await.is_err() {
                     return;
                 }
             }
@@ -143,7 +225,7 @@ struct Current {
     relayed: u64,
 }
 
-/// How a stream ended.
+/// How reading one stream ended.
 enum Ending {
     Done,
     /// The caller is gone.
@@ -153,18 +235,25 @@ enum Ending {
     /// A restart went another way than what was sent.
     Diverged,
     Broken {
-        why: &'static str,
+        why: Cut,
         /// The deployment's own error event, when it sent one.
         event: Option<String>,
         stalled: bool,
     },
 }
 
-/// The relay of one request's stream.
-pub struct Relay<C: Clock> {
-    engine: Arc<Engine<C>>,
+/// The first break of an answer.
+struct First {
+    deployment: String,
+    why: Cut,
+    event: Option<String>,
+}
+
+/// The relay of one request's stream of kind `K`, holding the policy it rescues with.
+pub(super) struct Relay<'a, C: Clock, K> {
+    policy: Failover<'a, C>,
     route: Route,
-    body: ChatBody,
+    body: JsonBody,
     deadline: Instant,
     out: Output,
     report: Option<oneshot::Sender<StreamReport>>,
@@ -180,37 +269,28 @@ pub struct Relay<C: Clock> {
     failed: Vec<usize>,
     attempts: Vec<Attempt>,
     resumes: u32,
-    /// The first break: the deployment, why, and its own error event if any.
-    cut: Option<(String, &'static str, Option<String>)>,
+    cut: Option<First>,
     /// Content chunks the broken streams produced (about one token each, as Azure streams).
     spent_tokens: u64,
     tokens: Option<u64>,
     skipped: usize,
+    kind: PhantomData<K>,
 }
 
-impl<C: Clock> Relay<C> {
-    pub fn new(
-        engine: Arc<Engine<C>>,
+impl<'a, C: Clock, K: Streaming> Relay<'a, C, K> {
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn new(
+        policy: Failover<'a, C>,
         route: Route,
-        body: ChatBody,
+        body: JsonBody,
         deadline: Instant,
-        delivery: Delivery,
+        out: Output,
+        report: oneshot::Sender<StreamReport>,
         writes: Writes,
-    ) -> (Self, Streamed) {
-        let (tx, frames) = mpsc::channel(RELAY_BUFFER);
-        let (report, reported) = oneshot::channel();
-        let out = match delivery {
-            Delivery::Streamed => Output::Streamed(tx),
-            Delivery::Buffered => Output::Buffered {
-                tx,
-                held: Vec::new(),
-            },
-        };
-        // Several choices or log probabilities cannot be continued as one text.
-        let opaque = body.get("n").and_then(Value::as_u64).unwrap_or(1) > 1
-            || body.get("logprobs") == Some(&Value::Bool(true));
-        let relay = Self {
-            engine,
+    ) -> Self {
+        Self {
+            opaque: !K::continuable(&body),
+            policy,
             route,
             body,
             deadline,
@@ -218,7 +298,6 @@ impl<C: Clock> Relay<C> {
             report: Some(report),
             writes,
             sent: String::new(),
-            opaque,
             id: None,
             deployments: Vec::new(),
             failed: Vec::new(),
@@ -228,19 +307,13 @@ impl<C: Clock> Relay<C> {
             spent_tokens: 0,
             tokens: None,
             skipped: 0,
-        };
-        (
-            relay,
-            Streamed {
-                frames,
-                report: reported,
-            },
-        )
+            kind: PhantomData,
+        }
     }
 
     /// Relays deployment `index`'s opened stream (and its rescuers') to the end.
-    pub async fn run(mut self, index: usize, opened: Opened) {
-        self.deployments.push(self.engine.id(index).to_owned());
+    pub(super) async fn run(mut self, index: usize, opened: Opened) {
+        self.deployments.push(self.policy.id(index).to_owned());
         let mut current = Current {
             index,
             opened,
@@ -274,22 +347,20 @@ impl<C: Clock> Relay<C> {
                     break Ending::Diverged;
                 }
                 Ending::Refused(data) => {
-                    let change = self.engine.health.record(
-                        current.index,
-                        Event::Refused,
-                        self.engine.clock.now(),
-                    );
-                    self.engine.publish(current.index, change, &mut self.writes);
+                    let now = self.policy.clock.now();
+                    self.policy
+                        .sync
+                        .record(current.index, Event::Refused, now, &mut self.writes);
                     break Ending::Refused(data);
                 }
                 other => break other,
             }
         };
-        let (last, name) = match &ending {
-            Ending::Done => (Some(sse::done()), "done"),
-            Ending::Refused(data) => (Some(sse::event(data)), "refused"),
-            Ending::Gone => (None, "gone"),
-            Ending::Diverged | Ending::Broken { .. } => (Some(self.interrupted()), "interrupted"),
+        let (event, ending) = match ending {
+            Ending::Done => (None, StreamEnding::Done),
+            Ending::Refused(data) => (Some(data), StreamEnding::Refused),
+            Ending::Gone => (None, StreamEnding::Gone),
+            Ending::Diverged | Ending::Broken { .. } => self.interrupted(),
         };
         if self.skipped > 0 {
             tracing::warn!(
@@ -302,24 +373,26 @@ impl<C: Clock> Relay<C> {
             let _ = report.send(StreamReport {
                 deployments: self.deployments.clone(),
                 attempts: std::mem::take(&mut self.attempts),
-                ending: name,
+                ending: ending.clone(),
                 tokens: self.tokens,
             });
         }
         // The caller may be gone already; the table still hears what happened. Its writes
         // finish before the body ends: Lambda freezes the environment after it.
-        if let Some(last) = last {
-            self.out.send(last).await;
+        if ending != StreamEnding::Gone {
+            if let Some(event) = event {
+                self.out.send(Relayed::Frame(sse::event(&event))).await;
+            }
+            self.out.send(Relayed::End(ending)).await;
         }
         let Self {
-            engine,
+            policy,
             out,
             writes,
             ..
         } = self;
-        engine.finish(writes).await;
+        policy.sync.finish(writes).await;
         out.close().await;
-        telemetry::flush(engine.metrics.get().copied());
     }
 
     /// Relays `current` until it ends, one way or another.
@@ -333,19 +406,19 @@ impl<C: Clock> Relay<C> {
                     let wait = if finished {
                         FINALISE_GRACE
                     } else {
-                        self.engine.settings.stream_idle_timeout
+                        self.policy.settings.stream_idle_timeout
                     };
-                    let remaining = self.engine.remaining(self.deadline);
+                    let remaining = self.policy.remaining(self.deadline);
                     let next = self
-                        .engine
+                        .policy
                         .clock
                         .timeout(wait.min(remaining), current.opened.events.next())
                         .await;
                     if next.is_none() && !finished {
                         let why = if remaining <= wait {
-                            "the request's deadline was reached"
+                            Cut::Deadline
                         } else {
-                            "no event within the stream idle timeout"
+                            Cut::Stalled
                         };
                         return Ending::Broken {
                             why,
@@ -361,14 +434,14 @@ impl<C: Clock> Relay<C> {
                 Some(Next::End | Next::Broken) if finished => return self.settle(current).await,
                 Some(Next::End) => {
                     return Ending::Broken {
-                        why: "the stream ended before the answer did",
+                        why: Cut::EndedEarly,
                         event: None,
                         stalled: false,
                     };
                 }
                 Some(Next::Broken) => {
                     return Ending::Broken {
-                        why: "the connection broke mid-answer",
+                        why: Cut::Broke,
                         event: None,
                         stalled: false,
                     };
@@ -382,7 +455,7 @@ impl<C: Clock> Relay<C> {
                 }
                 Some(Next::Event(StreamEvent::Error(data))) => {
                     return Ending::Broken {
-                        why: "the deployment sent an error event",
+                        why: Cut::ErrorEvent,
                         event: Some(data),
                         stalled: false,
                     };
@@ -439,7 +512,11 @@ impl<C: Clock> Relay<C> {
                 chunk.text = chunk.text[cut..].to_owned();
                 skip -= cut;
                 chunk.content = !chunk.text.is_empty();
-                chunk.data = rewrite(&chunk.data, None, Some(&chunk.text), None);
+                let edit = Edit {
+                    text: Some(&chunk.text),
+                    ..Edit::default()
+                };
+                chunk.data = K::rewrite(&chunk, edit);
             }
             self.emit(current, chunk).await?;
         }
@@ -454,7 +531,7 @@ impl<C: Clock> Relay<C> {
         }
         self.opaque |= chunk.opaque;
         if self.id.is_none() {
-            self.id = chunk_id(&chunk.data);
+            self.id.clone_from(&chunk.id);
         }
         self.sent.push_str(&chunk.text);
         if chunk.content {
@@ -462,7 +539,11 @@ impl<C: Clock> Relay<C> {
         }
         let usage = chunk.usage.as_ref().map(|usage| {
             if self.deployments.len() > 1 {
-                self.with_spent(usage)
+                let spent = Spent {
+                    chunks: self.spent_tokens,
+                    broken: (self.deployments.len() - 1) as u64,
+                };
+                K::usage(usage, spent)
             } else {
                 usage.clone()
             }
@@ -471,75 +552,65 @@ impl<C: Clock> Relay<C> {
             self.tokens = total_tokens(Some(usage));
         }
         let data = if current.resumed {
-            rewrite(&chunk.data, self.id.as_deref(), None, usage.as_ref())
+            let edit = Edit {
+                id: self.id.as_deref(),
+                text: None,
+                usage: usage.as_ref(),
+            };
+            K::rewrite(&chunk, edit)
         } else {
             chunk.data
         };
-        if self.out.send(sse::event(&data)).await {
+        if self.out.send(Relayed::Frame(sse::event(&data))).await {
             Ok(())
         } else {
             Err(Ending::Gone)
         }
     }
 
-    /// `usage` of a rescuing stream, plus an estimate of what the broken ones used: their
-    /// content chunks (about a token each) and, for each, the prompt as the rescuer counted
-    /// it, less the partial answer and the instruction a continuation adds.
-    fn with_spent(&self, usage: &Value) -> Value {
-        let number = |field: &str| usage.get(field).and_then(Value::as_u64).unwrap_or(0);
-        let broken = (self.deployments.len() - 1) as u64;
-        let own_prompt = number("prompt_tokens")
-            .saturating_sub(self.spent_tokens + INSTRUCTION_TOKENS)
-            .max(1);
-        let prompt = number("prompt_tokens") + broken * own_prompt;
-        let completion = number("completion_tokens") + self.spent_tokens;
-        json!({"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion})
-    }
-
     /// Records a break of `current`'s stream.
-    fn broke(
-        &mut self,
-        current: &Current,
-        why: &'static str,
-        event: Option<String>,
-        stalled: bool,
-    ) {
-        let id = self.engine.id(current.index).to_owned();
-        let now = self.engine.clock.now();
+    fn broke(&mut self, current: &Current, why: Cut, event: Option<String>, stalled: bool) {
+        let id = self.policy.id(current.index).to_owned();
+        let now = self.policy.clock.now();
         let health = if stalled {
             Event::TimedOut
         } else {
             Event::Failure
         };
-        let change = self.engine.health.record(current.index, health, now);
-        self.engine.publish(current.index, change, &mut self.writes);
+        self.policy
+            .sync
+            .record(current.index, health, now, &mut self.writes);
         self.failed.push(current.index);
         self.spent_tokens += current.relayed;
         telemetry::interrupted(&id);
         tracing::warn!(
             deployment = id,
             outcome = "stream_interrupted",
-            reason = why,
+            reason = %why,
             frames_relayed = current.relayed,
             "upstream stream interrupted after the answer had started"
         );
         if self.cut.is_none() {
-            self.cut = Some((id, why, event));
+            self.cut = Some(First {
+                deployment: id,
+                why,
+                event,
+            });
         }
     }
 
     /// Another deployment's stream to go on with, if the answer can be rescued.
     async fn resume(&mut self) -> Option<Current> {
-        let allowed = self.engine.settings.continuations;
-        if self.resumes >= allowed || self.engine.remaining(self.deadline) < MIN_ATTEMPT {
+        let allowed = self.policy.settings.continuations;
+        if self.resumes >= allowed || self.policy.remaining(self.deadline) < MIN_ATTEMPT {
             return None;
         }
         self.resumes += 1;
         if !self.opaque && !self.sent.is_empty() {
-            let body = continuation(&self.body, &self.sent, self.spent_tokens);
+            let body = K::continuation(&self.body, &self.sent, self.spent_tokens);
             let opened = self
-                .engine
-                .open(
+                .policy
+                .open::<K>(
                     &self.route,
                     &body,
                     self.deadline,
@@ -556,7 +627,7 @@ impl<C: Clock> Relay<C> {
                     self.attempts.extend(exhausted.attempts);
                 }
                 Err(error) => {
-                    self.attempts.extend(attempts(error));
+                    self.attempts.extend(error.into_attempts());
                     return None;
                 }
             }
@@ -564,7 +635,8 @@ impl<C: Clock> Relay<C> {
         let joining = if self.out.discard() {
             // Nothing reached the caller: the answer starts again, whole.
             self.sent.clear();
-            (self.opaque, self.id) = (false, None);
+            self.opaque = !K::continuable(&self.body);
+            self.id = None;
             self.deployments.clear();
             Joining::Direct
         } else if self.opaque {
@@ -573,8 +645,8 @@ impl<C: Clock> Relay<C> {
             Joining::Restart
         };
         let opened = self
-            .engine
-            .open(
+            .policy
+            .open::<K>(
                 &self.route,
                 &self.body,
                 self.deadline,
@@ -585,7 +657,7 @@ impl<C: Clock> Relay<C> {
         match opened {
             Ok((index, answer)) => Some(self.resumed(index, answer, joining)),
             Err(error) => {
-                self.attempts.extend(attempts(error));
+                self.attempts.extend(error.into_attempts());
                 None
             }
         }
@@ -595,7 +667,7 @@ impl<C: Clock> Relay<C> {
         let from = self
             .cut
             .as_ref()
-            .map_or("", |(d, _, _)| d.as_str())
+            .map_or("", |cut| cut.deployment.as_str())
             .to_owned();
         telemetry::continued(&from, &answer.deployment);
         tracing::info!(
@@ -622,123 +694,29 @@ impl<C: Clock> Relay<C> {
         }
     }
 
-    /// The last frame of an answer that could not be rescued: the deployment's own error event
-    /// when it sent one and nothing else was tried, else `stream_interrupted` naming the
-    /// original failure. OpenAI SDKs raise either as an error.
-    fn interrupted(&self) -> Bytes {
-        let Some((deployment, why, event)) = &self.cut else {
-            return interrupted_event("unknown", "it went another way", 0);
+    /// How an answer that could not be rescued ends: with the deployment's own error event when
+    /// it sent one and nothing else was tried, else as interrupted, naming the original failure.
+    /// OpenAI SDKs raise either as an error.
+    fn interrupted(&self) -> (Option<String>, StreamEnding) {
+        let Some(cut) = &self.cut else {
+            let ending = StreamEnding::Interrupted {
+                deployment: "unknown".into(),
+                why: Cut::Diverged,
+                tries: 0,
+                reported: false,
+            };
+            return (None, ending);
         };
-        match event {
-            Some(event) if self.attempts.is_empty() && self.resumes == 0 => sse::event(event),
-            _ => interrupted_event(deployment, why, self.resumes),
-        }
-    }
-}
-
-/// The event that ends an interrupted stream instead of `[DONE]`.
-fn interrupted_event(deployment: &str, why: &str, tries: u32) -> Bytes {
-    let rescue = match tries {
-        0 => String::new(),
-        1 => "; it could not be continued on another deployment".to_owned(),
-        n => format!("; {n} attempts to continue it on another deployment failed"),
-    };
-    let message = format!(
-        "The answer from deployment {deployment} was interrupted ({why}){rescue}; it is incomplete. Retry the request."
-    );
-    sse::event(
-        &json!({"error": {"message": message, "type": "server_error", "code": "stream_interrupted"}})
-            .to_string(),
-    )
-}
-
-/// The attempts an error carries.
-fn attempts(error: RouteError) -> Vec<Attempt> {
-    match error {
-        RouteError::ContentFiltered { attempts, .. } => attempts,
-        RouteError::Unavailable(exhausted) => exhausted.attempts,
-    }
-}
-
-/// The request that asks another deployment to continue `sent`: the original messages, the
-/// partial answer as an assistant message and the instruction to go on; a tool call is not an
-/// option for it, and what the answer may still spend is what the original allowed less what
-/// was already produced (`spent` tokens).
-fn continuation(body: &ChatBody, sent: &str, spent: u64) -> ChatBody {
-    let mut body = body.clone();
-    if let Some(Value::Array(messages)) = body.get_mut("messages") {
-        messages.push(json!({"role": "assistant", "content": sent}));
-        messages.push(json!({"role": "user", "content": CONTINUE}));
-    }
-    if body.contains_key("tools") || body.contains_key("functions") {
-        body.insert("tool_choice".into(), Value::from("none"));
-    }
-    for limit in ["max_tokens", "max_completion_tokens"] {
-        if let Some(n) = body.get(limit).and_then(Value::as_u64) {
-            body.insert(limit.into(), Value::from(n.saturating_sub(spent).max(1)));
-        }
-    }
-    body
-}
-
-/// A chunk's `id`, when it has a non-empty one.
-fn chunk_id(data: &str) -> Option<String> {
-    serde_json::from_str::<Value>(data)
-        .ok()?
-        .get("id")?
-        .as_str()
-        .filter(|id| !id.is_empty())
-        .map(str::to_owned)
-}
-
-/// A chunk's JSON with its `id`, its first choice's content or its `usage` replaced.
-fn rewrite(data: &str, id: Option<&str>, text: Option<&str>, usage: Option<&Value>) -> String {
-    let Ok(mut chunk) = serde_json::from_str::<Value>(data) else {
-        return data.to_owned();
-    };
-    if let Some(id) = id {
-        chunk["id"] = Value::from(id);
-    }
-    if let Some(text) = text
-        && let Some(delta) = chunk.pointer_mut("/choices/0/delta")
-    {
-        delta["content"] = Value::from(text);
-    }
-    if let Some(usage) = usage {
-        chunk["usage"] = usage.clone();
-    }
-    chunk.to_string()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_continuation_asks_for_the_rest_and_no_tool_call_within_what_is_left() {
-        let body: ChatBody = serde_json::from_value(json!({
-            "messages": [{"role": "user", "content": "Tell me how"}],
-            "tools": [{"type": "function", "function": {"name": "f"}}],
-            "max_tokens": 50,
-            "stream": true
-        }))
-        .unwrap();
-        let asked = Value::Object(continuation(&body, "[gpt-4o] You said: ", 3));
-        assert_eq!(asked["messages"][1]["role"], "assistant");
-        assert_eq!(asked["messages"][1]["content"], "[gpt-4o] You said: ");
-        assert_eq!(asked["messages"][2]["role"], "user");
-        assert_eq!(asked["tool_choice"], "none");
-        assert_eq!(asked["max_tokens"], 47);
-        assert_eq!(asked["stream"], true);
-    }
-
-    #[test]
-    fn a_resumed_chunk_takes_the_answers_id_and_its_trimmed_text() {
-        let data = r#"{"id":"other","choices":[{"index":0,"delta":{"content":"You said: Tell"}}]}"#;
-        let out: Value =
-            serde_json::from_str(&rewrite(data, Some("first"), Some("Tell"), None)).unwrap();
-        assert_eq!(out["id"], "first");
-        assert_eq!(out["choices"][0]["delta"]["content"], "Tell");
-        assert_eq!(chunk_id(data).as_deref(), Some("other"));
+        let own = cut
+            .event
+            .clone()
+            .filter(|_| self.attempts.is_empty() && self.resumes == 0);
+        let ending = StreamEnding::Interrupted {
+            deployment: cut.deployment.clone(),
+            why: cut.why,
+            tries: self.resumes,
+            reported: own.is_some(),
+        };
+        (own, ending)
     }
 }

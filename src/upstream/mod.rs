@@ -1,8 +1,12 @@
 //! The upstream client: the only code that knows reqwest and Azure OpenAI's wire format. It
-//! builds each deployment's request once, makes one call when asked, and reads the answer into
+//! builds each deployment's requests once, makes one call when asked, and reads the answer into
 //! a typed [`Called`]. It never retries and never sleeps; routing decides what happens next.
+//! What differs between kinds of call is in one file per kind (`chat.rs`), behind the traits
+//! of `kind.rs`.
 
+mod chat;
 mod events;
+mod kind;
 mod wire;
 
 use std::time::{Duration, SystemTime};
@@ -13,20 +17,36 @@ use serde_json::Value;
 
 use crate::clock::Clock;
 use crate::net::Http;
-use crate::outcome::{Called, ChatBody, Completion, Failure, Quota, Transient};
-use crate::pool::{ApiStyle, Pool};
+use crate::outcome::{Called, Failure, JsonBody, Quota, Transient};
+use crate::pool::{ApiStyle, Deployment, Pool};
 
+pub use chat::Chat;
 pub use events::{Chunk, EventStream, Next, Opened, StreamEvent};
+pub use kind::{Edit, Kind, KindId, Spent, Streaming};
 use wire::{classify, quota};
 
 /// Where and how to call one deployment, prepared once at cold start.
 struct Target {
-    /// Parsed once here: reqwest would otherwise parse the string again on every call. The
-    /// configuration has checked it; a URL that still does not parse fails its calls.
-    url: Option<reqwest::Url>,
-    /// The deployment's name, sent as `model` to v1 servers (classic URLs carry it in the path).
-    model: Option<String>,
+    /// Each kind's URL ([`KindId::slot`]), parsed once here: reqwest would otherwise parse the
+    /// string again on every call. The configuration has checked it; a URL that still does not
+    /// parse fails its calls.
+    urls: Vec<Option<reqwest::Url>>,
+    /// Each kind's `model` for the body, where the API wants one.
+    models: Vec<Option<String>>,
     auth: Option<(HeaderName, HeaderValue)>,
+}
+
+/// Kind `id`'s URL and `model` for deployment `d`: the one list of every kind of call.
+fn prepare(id: KindId, d: &Deployment) -> (Option<reqwest::Url>, Option<String>) {
+    fn of<K: Kind>(d: &Deployment) -> (Option<reqwest::Url>, Option<String>) {
+        (
+            reqwest::Url::parse(&K::url(d)).ok(),
+            K::model(d).map(str::to_owned),
+        )
+    }
+    match id {
+        KindId::Chat => of::<Chat>(d),
+    }
 }
 
 /// The Azure OpenAI (and OpenAI-compatible) client for every deployment in the pool. Built once
@@ -44,16 +64,14 @@ impl Upstream {
             .deployments
             .iter()
             .map(|d| {
-                let (header, value, model) = match d.api {
+                let (header, value) = match d.api {
                     ApiStyle::Classic { .. } => (
                         HeaderName::from_static("api-key"),
                         d.key.as_ref().map(|k| k.expose().to_owned()),
-                        None,
                     ),
                     ApiStyle::V1 => (
                         AUTHORIZATION,
                         d.key.as_ref().map(|k| format!("Bearer {}", k.expose())),
-                        Some(d.deployment.clone()),
                     ),
                 };
                 let auth = value
@@ -63,21 +81,20 @@ impl Upstream {
                         v.set_sensitive(true);
                         (header, v)
                     });
-                Target {
-                    url: reqwest::Url::parse(&d.url()).ok(),
-                    model,
-                    auth,
-                }
+                let (urls, models) = KindId::ALL.iter().map(|&id| prepare(id, d)).unzip();
+                Target { urls, models, auth }
             })
             .collect();
         Self { client, targets }
     }
 
-    /// The POST for deployment `index`: URL, key, body (with `model` set for v1 servers).
-    fn request(&self, index: usize, body: &ChatBody) -> Option<RequestBuilder> {
+    /// The POST of kind `K` for deployment `index`: URL, key, body (with `model` set where the
+    /// API wants it).
+    fn request<K: Kind>(&self, index: usize, body: &JsonBody) -> Option<RequestBuilder> {
         let target = self.targets.get(index)?;
-        let url = target.url.clone()?;
-        let bytes = match &target.model {
+        let slot = K::ID.slot();
+        let url = target.urls.get(slot)?.clone()?;
+        let bytes = match target.models.get(slot).and_then(Option::as_ref) {
             Some(model) => {
                 let mut body = body.clone();
                 body.insert("model".into(), Value::String(model.clone()));
@@ -98,22 +115,22 @@ impl Upstream {
         Some(request)
     }
 
-    /// One call to deployment `index` for a whole completion, bounded by `timeout` from start
-    /// to the last body byte.
-    pub async fn chat(
+    /// One call of kind `K` to deployment `index` for a whole answer, bounded by `timeout` from
+    /// start to the last body byte.
+    pub async fn call<K: Kind>(
         &self,
         clock: &impl Clock,
         index: usize,
-        body: &ChatBody,
+        body: &JsonBody,
         timeout: Duration,
-    ) -> Called<Completion> {
-        let Some(request) = self.request(index, body) else {
+    ) -> Called<K::Answer> {
+        let Some(request) = self.request::<K>(index, body) else {
             return Called::failed(Failure::Transient(Transient::Connect));
         };
         let now = clock.wall();
         let call = async {
             match request.send().await {
-                Ok(response) => read(response, now).await,
+                Ok(response) => read::<K>(response, now).await,
                 Err(e) => Called::failed(Failure::Transient(transport_failure(&e))),
             }
         };
@@ -123,18 +140,19 @@ impl Upstream {
             .unwrap_or_else(|| Called::failed(Failure::Transient(Transient::Timeout)))
     }
 
-    /// One streaming call to deployment `index`, read up to its first content, which must come
-    /// (headers included) within `first_token` of the call's start; an error answer within
-    /// `timeout`. The rest of the stream is left to the caller, which bounds it event by event.
-    pub async fn open_stream(
+    /// One streaming call of kind `K` to deployment `index`, read up to its first content, which
+    /// must come (headers included) within `first_token` of the call's start; an error answer
+    /// within `timeout`. The rest of the stream is left to the caller, which bounds it event by
+    /// event.
+    pub async fn open<K: Streaming>(
         &self,
         clock: &impl Clock,
         index: usize,
-        body: &ChatBody,
+        body: &JsonBody,
         timeout: Duration,
         first_token: Duration,
     ) -> Called<Opened> {
-        let Some(request) = self.request(index, body) else {
+        let Some(request) = self.request::<K>(index, body) else {
             return Called::failed(Failure::Transient(Transient::Connect));
         };
         let started = clock.now();
@@ -148,12 +166,15 @@ impl Upstream {
         let status = Some(response.status().as_u16());
         if !response.status().is_success() {
             // An error answer is short: the attempt's time limit bounds reading it too.
-            let failure = match clock.timeout(timeout, read(response, clock.wall())).await {
+            let failure = match clock
+                .timeout(timeout, read::<K>(response, clock.wall()))
+                .await
+            {
                 Some(Called {
                     result: Err(failure),
                     ..
                 }) => failure,
-                // Only a 2xx classifies as a completion.
+                // Only a 2xx classifies as an answer.
                 Some(Called { result: Ok(_), .. }) => Failure::Transient(Transient::BadResponse),
                 None => Failure::Transient(Transient::Timeout),
             };
@@ -167,7 +188,10 @@ impl Upstream {
         // The first-token limit counts from the start of the call.
         let left = first_token.saturating_sub(clock.now() - started);
         let result = clock
-            .timeout(left, events::first_content(EventStream::new(response)))
+            .timeout(
+                left,
+                events::first_content(EventStream::new(response, K::event)),
+            )
             .await
             .unwrap_or(Err(Failure::Transient(Transient::FirstTokenTimeout)));
         Called {
@@ -179,11 +203,11 @@ impl Upstream {
 }
 
 /// Reads a whole answer and classifies it.
-async fn read(response: Response, now: SystemTime) -> Called<Completion> {
+async fn read<K: Kind>(response: Response, now: SystemTime) -> Called<K::Answer> {
     let status = response.status();
     let headers = response.headers().clone();
     let result = match response.bytes().await {
-        Ok(bytes) => classify(status, &headers, bytes, now),
+        Ok(bytes) => classify::<K>(status, &headers, bytes, now),
         Err(e) => Err(Failure::Transient(transport_failure(&e))),
     };
     Called {

@@ -1,5 +1,7 @@
-//! Azure OpenAI's wire format, read: a complete answer (status, headers, body) becomes a
-//! [`Completion`] or a typed [`Failure`]. Pure functions; never retries, never sleeps.
+//! Azure OpenAI's wire format, read: a complete answer (status, headers, body) becomes the
+//! answer its kind of call reads from a 2xx, or a typed [`Failure`]: error envelopes, refusals,
+//! Retry-After and the quota headers are the same for every kind. Pure functions; never
+//! retries, never sleeps.
 
 use std::time::{Duration, SystemTime};
 
@@ -9,7 +11,9 @@ use reqwest::header::HeaderMap;
 use serde::Deserialize;
 use serde_json::Value;
 
-use crate::outcome::{Completion, ContentFilter, Failure, Quota, Transient, filtered_categories};
+use crate::outcome::{ContentFilter, Failure, Quota, Transient, filtered_categories};
+
+use super::kind::Kind;
 
 /// A Retry-After longer than this is treated as this: guards against absurd values only.
 const MAX_RETRY_AFTER: Duration = Duration::from_secs(24 * 60 * 60);
@@ -23,18 +27,15 @@ pub fn refusal(event: &Value) -> Option<ContentFilter> {
         .refusal()
 }
 
-/// Turns a complete HTTP answer into a [`Completion`] or the reason there is none.
-pub fn classify(
+/// Turns a complete HTTP answer into kind `K`'s answer or the reason there is none.
+pub fn classify<K: Kind>(
     status: StatusCode,
     headers: &HeaderMap,
     body: Bytes,
     now: SystemTime,
-) -> Result<Completion, Failure> {
+) -> Result<K::Answer, Failure> {
     if status.is_success() {
-        return match serde_json::from_slice::<WireCompletion>(&body) {
-            Ok(c) => c.into_completion(body),
-            Err(_) => Err(Failure::Transient(Transient::BadResponse)),
-        };
+        return K::answer(body);
     }
     let error = serde_json::from_slice::<ErrorEnvelope>(&body)
         .map(|e| e.error)
@@ -57,11 +58,8 @@ pub fn classify(
             message,
         },
         400 if code == "context_length_exceeded" => Failure::ContextLengthExceeded { message },
-        s => Failure::Rejected {
-            status: s,
-            code,
-            message,
-        },
+        // The status travels with the call (`Called::status`).
+        _ => Failure::Rejected { code, message },
     })
 }
 
@@ -190,46 +188,29 @@ impl WireError {
     }
 }
 
-#[derive(Deserialize)]
-struct WireCompletion {
-    #[serde(default)]
-    model: String,
-    choices: Vec<WireChoice>,
-    usage: Option<Value>,
-}
-
-#[derive(Deserialize)]
-struct WireChoice {
-    message: Option<WireMessage>,
-    finish_reason: Option<String>,
-    content_filter_results: Option<Value>,
-}
-
-#[derive(Deserialize)]
-struct WireMessage {
-    content: Option<String>,
-}
-
-impl WireCompletion {
-    fn into_completion(self, raw: Bytes) -> Result<Completion, Failure> {
-        let Some(choice) = self.choices.into_iter().next() else {
-            return Err(Failure::Transient(Transient::BadResponse));
-        };
-        Ok(Completion {
-            content: choice.message.and_then(|m| m.content),
-            finish_reason: choice.finish_reason,
-            model: self.model,
-            usage: self.usage,
-            content_filter_results: choice.content_filter_results,
-            raw,
-        })
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::pool::Deployment;
+    use crate::upstream::kind::KindId;
     use reqwest::header::{HeaderName, HeaderValue};
+
+    /// A kind whose answer is any JSON: error answers are what these tests are about.
+    struct Chat;
+
+    impl Kind for Chat {
+        const ID: KindId = KindId::Chat;
+        type Answer = Value;
+        fn url(d: &Deployment) -> String {
+            d.url("chat/completions")
+        }
+        fn answer(body: Bytes) -> Result<Value, Failure> {
+            serde_json::from_slice(&body).map_err(|_| Failure::Transient(Transient::BadResponse))
+        }
+        fn tokens(_: &Value) -> Option<u64> {
+            None
+        }
+    }
 
     fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
         pairs
@@ -283,7 +264,7 @@ mod tests {
     #[test]
     fn a_429_without_headers_falls_back_to_its_message() {
         let body = br#"{"error":{"code":"429","message":"Requests ... Please retry after 7 seconds. Please go here"}}"#;
-        let outcome = classify(
+        let outcome = classify::<Chat>(
             StatusCode::TOO_MANY_REQUESTS,
             &HeaderMap::new(),
             Bytes::from_static(body),
@@ -298,7 +279,7 @@ mod tests {
             Some(Duration::from_secs(50))
         );
         assert_eq!(retry_after_in_message("Please retry after a while."), None);
-        let outcome = classify(
+        let outcome = classify::<Chat>(
             StatusCode::TOO_MANY_REQUESTS,
             &HeaderMap::new(),
             Bytes::new(),
@@ -311,7 +292,7 @@ mod tests {
     #[test]
     fn error_envelopes_of_both_styles_are_classified() {
         let c = |status: u16, body: &str| {
-            classify(
+            classify::<Chat>(
                 StatusCode::from_u16(status).unwrap(),
                 &HeaderMap::new(),
                 Bytes::copy_from_slice(body.as_bytes()),
@@ -357,7 +338,7 @@ mod tests {
                 400,
                 r#"{"error":{"message":"bad","type":"invalid_request_error","param":"temperature","code":null}}"#
             ),
-            Failure::Rejected { status: 400, .. }
+            Failure::Rejected { .. }
         ));
         let filtered = c(
             400,
@@ -376,35 +357,9 @@ mod tests {
     }
 
     #[test]
-    fn a_success_without_choices_is_not_an_answer() {
-        let outcome = classify(
-            StatusCode::OK,
-            &HeaderMap::new(),
-            Bytes::from_static(br#"{"choices":[]}"#),
-            now(),
-        )
-        .unwrap_err();
-        assert!(matches!(
-            outcome,
-            Failure::Transient(Transient::BadResponse)
-        ));
-        let outcome = classify(
-            StatusCode::OK,
-            &HeaderMap::new(),
-            Bytes::from_static(b"<html>"),
-            now(),
-        )
-        .unwrap_err();
-        assert!(matches!(
-            outcome,
-            Failure::Transient(Transient::BadResponse)
-        ));
-    }
-
-    #[test]
     fn a_refusal_is_recognised_in_every_dialect() {
         let c = |body: &str| {
-            classify(
+            classify::<Chat>(
                 StatusCode::BAD_REQUEST,
                 &HeaderMap::new(),
                 Bytes::copy_from_slice(body.as_bytes()),

@@ -1,0 +1,356 @@
+//! [`FleetSync`]: the one owner, and the one writer, of what this execution environment knows
+//! about each deployment (the [`HealthTable`]), and of its link to the fleet's shared table. The
+//! failover loop and the stream relay both record through [`FleetSync::record`], which updates
+//! the local table and starts telling the fleet in the same step.
+//!
+//! The fleet's table is read on the request path at most once per refresh period and never for
+//! longer than its time limit; a lease is taken before a probe or a trial; what a call taught is
+//! written concurrently with the next attempt and finished (or given up) before the response. A
+//! table that is slow or down costs at most its time limit, and decisions fall back on what this
+//! environment knows: counted in a metric, logged once a minute.
+
+use std::sync::Mutex;
+use std::time::{Duration, Instant, UNIX_EPOCH};
+
+use futures_util::future::join_all;
+use tokio::task::JoinHandle;
+
+use crate::clock::{Clock, millis};
+use crate::health::{Change, Choice, Event, Fleet, FleetError, HealthTable, State, Written};
+use crate::pool::Deployment;
+use crate::telemetry::{self, TableOp, TableOutcome};
+
+use super::settings::Settings;
+
+/// A new environment reads the fleet's health before its first request, with more time than
+/// the request path allows (its first connection to DynamoDB includes a TLS handshake).
+const WARM_UP_LIMIT: Duration = Duration::from_secs(1);
+/// How often, at most, the table's unavailability is logged (every occurrence is counted).
+const WARN_EVERY: Duration = Duration::from_secs(60);
+/// A probe's or trial's lease outlasts its call by this much, then lapses for another to try.
+const LEASE_MARGIN: Duration = Duration::from_secs(2);
+
+/// The fleet's table, as this environment uses it.
+struct Link {
+    fleet: Fleet,
+    /// Each pool deployment's name in the table, indexed like the pool.
+    keys: Vec<String>,
+    refresh: Duration,
+    limit: Duration,
+    /// When unavailability was last logged, and how many times since.
+    warned: Mutex<(Option<Instant>, u64)>,
+}
+
+/// What this environment knows about each deployment, and what it shares with the fleet.
+pub struct FleetSync<C: Clock> {
+    health: HealthTable,
+    link: Option<Link>,
+    clock: C,
+    /// The fleet's failure count that opens a circuit, and for how long.
+    failures: u32,
+    open_for: Duration,
+}
+
+/// The table writes one request started, to be finished before its response.
+#[derive(Default)]
+pub struct Writes(Vec<JoinHandle<Settled>>);
+
+/// A change, as the table is told it (epoch times in ms).
+enum Published {
+    Recovered,
+    Throttle(u64),
+    Open(u64, Duration),
+    Failed,
+}
+
+/// What a background write came to: for the deployment at `index`, a fleet count that reached
+/// the threshold (the opening's end and length) opens its circuit here too.
+struct Settled {
+    index: usize,
+    op: TableOp,
+    result: Result<Option<(u64, Duration)>, FleetError>,
+    ms: u64,
+}
+
+impl<C: Clock> FleetSync<C> {
+    /// The health of `deployments`, shared through `fleet` when a table is configured; `seed`
+    /// seeds the weighted random choice.
+    pub fn new(
+        deployments: &[Deployment],
+        settings: &Settings,
+        clock: C,
+        seed: u64,
+        fleet: Option<Fleet>,
+    ) -> Self {
+        let link = fleet.map(|fleet| Link {
+            keys: deployments
+                .iter()
+                .map(|d| Fleet::key(&d.endpoint, &d.deployment))
+                .collect(),
+            fleet,
+            refresh: settings.health_refresh,
+            limit: settings.health_timeout,
+            warned: Mutex::new((None, 0)),
+        });
+        Self {
+            health: HealthTable::new(deployments.len(), settings.breaker, seed)
+                .with_max_open(settings.max_open),
+            link,
+            clock,
+            failures: settings.breaker.failures,
+            open_for: settings.breaker.open_for,
+        }
+    }
+
+    /// Before the first request: what the fleet already knows (a new environment does not start
+    /// blind), and the table's connection made.
+    pub async fn warm_up(&self) {
+        self.read(WARM_UP_LIMIT, true).await;
+    }
+
+    /// On the request path: the fleet's health, if a read is due.
+    pub async fn refresh(&self) {
+        if let Some(link) = &self.link {
+            self.read(link.limit, false).await;
+        }
+    }
+
+    /// The next deployment to call among `members` (minus those `skip` rejects), and what kind
+    /// of call it is ([`HealthTable::choose`]).
+    pub fn choose(
+        &self,
+        members: &[usize],
+        pool: &[Deployment],
+        skip: impl Fn(usize) -> bool,
+    ) -> Option<Choice> {
+        self.health.choose(members, pool, skip, self.clock.now())
+    }
+
+    /// Where deployment `index` stands now.
+    pub fn state(&self, index: usize) -> State {
+        self.health.state(index, self.clock.now())
+    }
+
+    /// Deployment `index`'s average latency, when it has answered.
+    pub fn latency(&self, index: usize) -> Option<Duration> {
+        self.health.latency(index)
+    }
+
+    /// What one call to deployment `index` came to, at `now`: recorded here, and the fleet told
+    /// what is news to it, in the background (the write runs while the next attempt does and is
+    /// finished with `writes`).
+    pub fn record(&self, index: usize, event: Event, now: Instant, writes: &mut Writes) {
+        let change = self.health.record(index, event, now);
+        self.publish(index, change, now, writes);
+    }
+
+    /// The epoch time (ms) of `at`, a moment on this environment's clock.
+    fn epoch_ms(&self, at: Instant) -> u64 {
+        let now = self.clock.now();
+        let wall = millis(
+            self.clock
+                .wall()
+                .duration_since(UNIX_EPOCH)
+                .unwrap_or_default(),
+        );
+        if at >= now {
+            wall.saturating_add(millis(at - now))
+        } else {
+            wall.saturating_sub(millis(now - at))
+        }
+    }
+
+    /// Reads the fleet's health if it is due (or `force`d), within `limit`.
+    async fn read(&self, limit: Duration, force: bool) {
+        let Some(link) = &self.link else {
+            return;
+        };
+        if !self.health.refresh_due(self.clock.now(), link.refresh) && !force {
+            return;
+        }
+        let started = self.clock.now();
+        let read = self.clock.timeout(limit, link.fleet.read(&link.keys)).await;
+        let ms = millis(self.clock.now() - started);
+        match read {
+            Some(Ok(shared)) => {
+                let now = self.clock.now();
+                let wall = self.epoch_ms(now);
+                for (index, shared) in shared.iter().enumerate() {
+                    self.health.merge(index, shared, now, wall);
+                }
+                telemetry::health_table(TableOp::Read, TableOutcome::Ok, ms);
+            }
+            Some(Err(error)) => self.unavailable(link, TableOp::Read, &error.to_string(), ms),
+            None => self.timed_out(link, TableOp::Read, ms),
+        }
+    }
+
+    /// Takes the fleet's lease on `choice`'s probe or trial, so one environment of the fleet
+    /// makes it; `call` is how long the call may take. False when another environment holds it.
+    /// Without a table, or when the table cannot answer, this environment goes ahead alone.
+    pub async fn lease(&self, choice: &Choice, call: Duration) -> bool {
+        let Some(link) = &self.link else {
+            return true;
+        };
+        if !(choice.probe || choice.trial) || choice.leased {
+            return true;
+        }
+        let key = &link.keys[choice.index];
+        let now = self.clock.now();
+        let until = now + call + LEASE_MARGIN;
+        let (until_ms, now_ms) = (self.epoch_ms(until), self.epoch_ms(now));
+        let taken = self
+            .clock
+            .timeout(link.limit, link.fleet.lease(key, until_ms, now_ms))
+            .await;
+        let ms = millis(self.clock.now() - now);
+        match taken {
+            Some(Ok(Written::Applied)) => {
+                telemetry::health_table(TableOp::Lease, TableOutcome::Ok, ms);
+                self.health.leased(choice.index, until, true);
+                true
+            }
+            Some(Ok(Written::Superseded)) => {
+                telemetry::health_table(TableOp::Lease, TableOutcome::HeldElsewhere, ms);
+                // Until the next read says how long the other environment holds it.
+                self.health.leased(choice.index, now + link.refresh, false);
+                false
+            }
+            Some(Err(error)) => {
+                self.unavailable(link, TableOp::Lease, &error.to_string(), ms);
+                true
+            }
+            None => {
+                self.timed_out(link, TableOp::Lease, ms);
+                true
+            }
+        }
+    }
+
+    /// Starts writing what a call taught (`change`, about deployment `index`) to the table.
+    fn publish(&self, index: usize, change: Change, now: Instant, writes: &mut Writes) {
+        let Some(link) = &self.link else {
+            return;
+        };
+        let change = match change {
+            Change::None => return,
+            Change::Throttled { until } => Published::Throttle(self.epoch_ms(until)),
+            Change::Opened { until, period } => Published::Open(self.epoch_ms(until), period),
+            Change::Recovered => Published::Recovered,
+            Change::Failed => Published::Failed,
+        };
+        let now_ms = self.epoch_ms(now);
+        let (fleet, key, clock) = (
+            link.fleet.clone(),
+            link.keys[index].clone(),
+            self.clock.clone(),
+        );
+        let (threshold, opening) = (self.failures, self.open_for);
+        let open_until_ms = self.epoch_ms(now + opening);
+        writes.0.push(tokio::spawn(async move {
+            let started = clock.now();
+            let (op, result) = match change {
+                Published::Recovered => (
+                    TableOp::Recovered,
+                    fleet.recovered(&key, now_ms).await.map(|_| None),
+                ),
+                Published::Throttle(until) => (
+                    TableOp::Throttle,
+                    fleet.throttle(&key, until, now_ms).await.map(|_| None),
+                ),
+                Published::Open(until, period) => (
+                    TableOp::Open,
+                    fleet
+                        .open(&key, until, millis(period), now_ms)
+                        .await
+                        .map(|_| None),
+                ),
+                Published::Failed => match fleet.failed(&key, now_ms).await {
+                    // The fleet's failures reached the threshold: open it for everyone.
+                    Ok(n) if n >= threshold => (
+                        TableOp::Failure,
+                        fleet
+                            .open(&key, open_until_ms, millis(opening), now_ms)
+                            .await
+                            .map(|_| Some((open_until_ms, opening))),
+                    ),
+                    counted => (TableOp::Failure, counted.map(|_| None)),
+                },
+            };
+            Settled {
+                index,
+                op,
+                result,
+                ms: millis(clock.now() - started),
+            }
+        }));
+    }
+
+    /// Waits for the request's table writes, at most the table's time limit, and gives up on
+    /// any still running.
+    pub async fn finish(&self, writes: Writes) {
+        let Some(link) = &self.link else {
+            return;
+        };
+        if writes.0.is_empty() {
+            return;
+        }
+        let aborts: Vec<_> = writes.0.iter().map(JoinHandle::abort_handle).collect();
+        let started = self.clock.now();
+        let done = self.clock.timeout(link.limit, join_all(writes.0)).await;
+        let ms = millis(self.clock.now() - started);
+        let Some(done) = done else {
+            for abort in aborts {
+                abort.abort();
+            }
+            self.timed_out(link, TableOp::Write, ms);
+            return;
+        };
+        for settled in done.into_iter().flatten() {
+            match settled.result {
+                Ok(opened) => {
+                    telemetry::health_table(settled.op, TableOutcome::Ok, settled.ms);
+                    if let Some((until_ms, period)) = opened {
+                        let now = self.clock.now();
+                        let wait = until_ms.saturating_sub(self.epoch_ms(now));
+                        self.health.opened(
+                            settled.index,
+                            now + Duration::from_millis(wait),
+                            period,
+                        );
+                    }
+                }
+                Err(error) => self.unavailable(link, settled.op, &error.to_string(), settled.ms),
+            }
+        }
+    }
+
+    fn timed_out(&self, link: &Link, op: TableOp, ms: u64) {
+        self.warn(link, op, TableOutcome::Timeout, "no answer in time", ms);
+    }
+
+    fn unavailable(&self, link: &Link, op: TableOp, detail: &str, ms: u64) {
+        self.warn(link, op, TableOutcome::Error, detail, ms);
+    }
+
+    /// The table could not answer: counted every time, logged at most once a minute.
+    fn warn(&self, link: &Link, op: TableOp, outcome: TableOutcome, detail: &str, ms: u64) {
+        telemetry::health_table(op, outcome, ms);
+        let now = self.clock.now();
+        let mut warned = link.warned.lock().unwrap_or_else(|p| p.into_inner());
+        let (last, since) = &mut *warned;
+        if last.is_some_and(|at| now.saturating_duration_since(at) < WARN_EVERY) {
+            *since += 1;
+            return;
+        }
+        tracing::warn!(
+            table = link.fleet.table(),
+            operation = op.as_str(),
+            reason = outcome.as_str(),
+            detail,
+            unlogged_since_last = *since,
+            "shared health table unavailable: deciding on this execution environment's own knowledge"
+        );
+        (*last, *since) = (Some(now), 0);
+    }
+}
