@@ -491,6 +491,11 @@ def coldstart_section(report, w):
         eb = sz.get("hello", {}).get(f"{arch}_error")
         w(f"| Binary size, {arch} | {size(a) if a else ea} | {size(b) if b else eb} | {ratio(a, b)} |")
     w("")
+    # The history of the cold-start work: what each change cost and saved, in words.
+    notes = BENCH / "cold-start.md"
+    if notes.exists():
+        w(notes.read_text().rstrip())
+        w("")
     return (cold.get("full") or {}).get("hello") or {}
 
 
