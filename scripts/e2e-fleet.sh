@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
-# End to end, fleet memory: several execution environments under `cargo lambda watch
-# --concurrency 4`, sharing health through a DynamoDB table in moto's server. gpt-4o answers 429
-# (Retry-After 7 s): the first environment to meet it tells the table, and the environments
-# cargo-lambda starts for a burst of concurrent requests read it before their first request
-# and never call gpt-4o. Starts and stops everything itself, all on 127.0.0.1.
+# End to end, fleet memory: up to 16 execution environments under `cargo lambda watch
+# --concurrency 16`, sharing health through a DynamoDB table in moto's server. gpt-4o answers 429
+# (Retry-After 7 s) throughout: the first environment to meet it tells the table, and the
+# environments cargo-lambda starts for a burst of concurrent requests read it before their first
+# request and never call gpt-4o. Then 16 clients keep a request always in flight for three
+# cooldowns: when each shared cooldown ends, one environment tries gpt-4o for the fleet (at most
+# two calls in any 7 s), not every environment at once. Starts and stops everything itself, all
+# on 127.0.0.1.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/lib.sh
@@ -24,7 +27,7 @@ trap cleanup EXIT
 
 start_emulator "$EMULATOR_PORT" 600 --deployment gpt-4o=throttled:7 --deployment gpt-35-turbo=healthy \
   --latency-ms 200 >>"$LOG.emulator" 2>&1
-moto_server -H 127.0.0.1 -p "$MOTO_PORT" >"$LOG.moto" 2>&1 &
+python scripts/moto_server.py -H 127.0.0.1 -p "$MOTO_PORT" >"$LOG.moto" 2>&1 &
 MOTO_PID=$!
 wait_for "http://127.0.0.1:$MOTO_PORT/" 60
 export AWS_ACCESS_KEY_ID=testing AWS_SECRET_ACCESS_KEY=testing AWS_REGION=us-east-1 AWS_DEFAULT_REGION=us-east-1
@@ -51,7 +54,7 @@ AWS_ACCESS_KEY_ID=testing
 AWS_SECRET_ACCESS_KEY=testing
 AWS_REGION=us-east-1
 EOF
-setsid timeout 600 cargo lambda watch --invoke-address 127.0.0.1 --invoke-port "$PORT" --concurrency 4 \
+setsid timeout 600 cargo lambda watch --invoke-address 127.0.0.1 --invoke-port "$PORT" --concurrency 16 \
   --env-file "$ENV_FILE" --ignore-changes >"$LOG" 2>&1 &
 WATCH_PGID=$!
 wait_for_port "$PORT" 300
@@ -74,7 +77,7 @@ check "gpt-4o was called once" 1 "$(gpt4o_calls)"
 
 # A burst of 16 concurrent requests, a little over a second later (how stale an environment's
 # knowledge may be: HEALTH_REFRESH_MS): the environments already running read the table, and
-# those cargo-lambda starts for the burst (up to 4 in all) read it before their first request.
+# those cargo-lambda starts for the burst read it before their first request.
 sleep 1.2
 python3 - "$PORT" "$KEY" >"$LOG.burst" <<'PY'
 import json, sys, urllib.request
@@ -94,10 +97,23 @@ environments=$(grep -c 'spawning function instance' "$LOG" || true)
 check "several execution environments served the burst" yes "$( ((environments >= 2)) && echo yes || echo "$environments")"
 check "gpt-4o is still called once for the whole fleet" 1 "$(gpt4o_calls)"
 
+# Continuous load through three cooldowns: every request answered, gpt-4o tried once per
+# cooldown for the whole fleet. The table is moto's (scripts/moto_server.py: conditional writes
+# atomic, as DynamoDB's are).
+python3 tests/e2e/fleet_load.py load "http://127.0.0.1:$PORT" "$KEY" 16 22 >"$LOG.load"
+load_ok=$(python3 -c 'import json,sys; r=json.load(open(sys.argv[1])); print("yes" if set(r["statuses"]) == {"200"} and r["requests"] > 200 else r)' "$LOG.load")
+check "16 clients, 22 s of continuous load: every request answered" yes "$load_ok"
+python3 tests/e2e/fleet_load.py windows "$LOG.emulator" gpt-4o 7 >"$LOG.windows"
+most=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["most_in_a_window"])' "$LOG.windows")
+check "at each shared cooldown's end one trial, not a stampede: at most 2 calls to gpt-4o in any 7 s" yes \
+  "$( ((most <= 2)) && echo yes || cat "$LOG.windows")"
+environments=$(grep -c 'spawning function instance' "$LOG" || true)
+check "the load kept many execution environments busy" yes "$( ((environments >= 8)) && echo yes || echo "$environments")"
+
 if ((failed > 0)); then
   echo "--- cargo lambda watch log ---"; cat "$LOG"
   echo "--- emulator log ---"; cat "$LOG.emulator"
 fi
-rm -f "$LOG" "$LOG.emulator" "$LOG.moto" "$LOG.burst"
+rm -f "$LOG" "$LOG.emulator" "$LOG.moto" "$LOG.burst" "$LOG.load" "$LOG.windows"
 echo "$passed passed, $failed failed"
 ((failed == 0))

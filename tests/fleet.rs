@@ -448,3 +448,86 @@ async fn a_primary_that_hangs_for_60_s_is_probed_rarely_and_each_probe_is_short(
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_is_refused_while_the_table_holds_a_cooldown_or_an_opening_in_force() {
+    let f = FleetUnderTest::start(1, &both(), &[]).await;
+    let (a, b) = (
+        Fleet::new(client(&f.moto.endpoint()), TABLE),
+        Fleet::new(client(&f.moto.endpoint()), TABLE),
+    );
+    let key = "contoso.openai.azure.com/gpt-4o";
+    let t = common::epoch_ms();
+    use fallback_chat::health::Written::{Applied, Superseded};
+    assert_eq!(a.throttle(key, t + 7_000, t).await.unwrap(), Applied);
+    assert_eq!(
+        b.lease(key, t + 12_000, t + 1_000).await.unwrap(),
+        Superseded,
+        "nothing to try while the cooldown is in force"
+    );
+    // It ended: one environment takes the trial, the other waits for its word.
+    assert_eq!(b.lease(key, t + 20_000, t + 8_000).await.unwrap(), Applied);
+    assert_eq!(
+        a.lease(key, t + 20_000, t + 8_000).await.unwrap(),
+        Superseded
+    );
+    // The trial met another 429, which ends its lease: nobody else may try before the new
+    // cooldown ends, although no lease is held.
+    assert_eq!(
+        b.throttle(key, t + 15_000, t + 8_010).await.unwrap(),
+        Applied
+    );
+    assert_eq!(
+        a.lease(key, t + 20_000, t + 8_020).await.unwrap(),
+        Superseded
+    );
+    assert_eq!(a.lease(key, t + 30_000, t + 15_001).await.unwrap(), Applied);
+    // The same for an open circuit and its probe.
+    assert_eq!(
+        a.open(key, t + 20_000, 5_000, t + 15_010).await.unwrap(),
+        Applied
+    );
+    assert_eq!(
+        b.lease(key, t + 30_000, t + 15_020).await.unwrap(),
+        Superseded
+    );
+    assert_eq!(b.lease(key, t + 30_000, t + 20_001).await.unwrap(), Applied);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_table_that_stops_answering_leases_delays_a_trial_by_seconds_never_locks_it_out() {
+    let f = FleetUnderTest::start(2, &both(), &[]).await;
+    f.emulator
+        .set("gpt-4o", Behavior::Throttled(RetryAfter::Seconds(7)));
+    assert_eq!(f.ask(0, "one").await.body["deployment"], "gpt-35-turbo");
+    f.advance(Duration::from_millis(1_100));
+    assert_eq!(f.ask(1, "learn").await.body["deployment"], "gpt-35-turbo");
+    assert_eq!(f.calls("gpt-4o"), 1);
+
+    // The cooldown ends while the table has stopped answering in time.
+    f.emulator.set("gpt-4o", Behavior::Healthy);
+    f.proxy.slow_down(Duration::from_secs(2));
+    f.advance(Duration::from_millis(6_000));
+    let ended = f.clock.now();
+    let mut first = None;
+    while first.is_none() {
+        assert!(
+            f.clock.now() - ended < Duration::from_secs(10),
+            "the trial never came"
+        );
+        let reply = f.ask(1, "q").await;
+        assert_eq!(reply.status, 200, "{:?}", reply.body);
+        if reply.body["deployment"] == "gpt-4o" {
+            first = Some(f.clock.now() - ended);
+        }
+        f.advance(Duration::from_millis(500));
+    }
+    let waited = first.unwrap();
+    // An unanswered lease is not taken (the stampede it would start is what makes tables slow)
+    // until leases have gone unanswered for 3 s; then the environment goes ahead alone.
+    assert!(
+        (Duration::from_secs(3)..Duration::from_secs(6)).contains(&waited),
+        "the trial came {waited:?} after the cooldown ended"
+    );
+    assert_eq!(f.calls("gpt-4o"), 2, "one call: the trial");
+}

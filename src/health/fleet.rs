@@ -181,13 +181,20 @@ impl Fleet {
 
     /// The lease on the deployment's next call (a probe, or the trial after a cooldown), until
     /// `until` (epoch ms): `Applied` when this environment holds it, `Superseded` when another
-    /// does.
+    /// does, or when the table holds a cooldown or an opening still in force (the last trial or
+    /// probe has said how it went: there is nothing to try yet).
     pub async fn lease(&self, key: &str, until: u64, now: u64) -> Result<Written, FleetError> {
         self.update(now)
             .update_expression("SET #l = :until, #w = :me, #exp = :exp")
-            .condition_expression("attribute_not_exists(#l) OR #l < :now OR #w = :me")
+            .condition_expression(
+                "(attribute_not_exists(#l) OR #l < :now OR #w = :me) \
+                 AND (attribute_not_exists(#t) OR #t <= :now) \
+                 AND (attribute_not_exists(#o) OR #o <= :now)",
+            )
             .expression_attribute_names("#l", format!("{key}{LEASE}"))
             .expression_attribute_names("#w", format!("{key}{LEASEHOLDER}"))
+            .expression_attribute_names("#t", format!("{key}{THROTTLED}"))
+            .expression_attribute_names("#o", format!("{key}{OPEN}"))
             .expression_attribute_values(":until", number(until))
             .expression_attribute_values(":now", number(now))
             .expression_attribute_values(":me", AttributeValue::S(self.me.to_string()))

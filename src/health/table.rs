@@ -53,8 +53,9 @@ struct DeploymentHealth {
     latency_ewma_ms: Option<f64>,
     remaining_requests: Option<u64>,
     remaining_tokens: Option<u64>,
-    /// The fleet's cooldown has ended and no environment has reported a call since: the next
-    /// call is a trial.
+    /// Once its cooldown is over, the next call is a trial (which needs the fleet's lease): set
+    /// by any cooldown the fleet shares, cleared when a call here or the fleet's table says how
+    /// the deployment is doing.
     trial: bool,
     lease: Option<Lease>,
     /// The fleet's table holds something about this deployment, so a recovery is news.
@@ -223,6 +224,9 @@ pub struct HealthTable {
     /// The longest an open circuit stays out while probes keep timing out (doubling from
     /// `breaker.open_for`).
     max_open: Duration,
+    /// The fleet shares this environment's cooldowns: when one ends, the first call after it is
+    /// a trial, so the fleet does not call the deployment all at once.
+    fleet: bool,
 }
 
 /// Latencies within this many milliseconds of each other weigh about the same: only a real
@@ -243,7 +247,16 @@ impl HealthTable {
             }),
             breaker,
             max_open: breaker.open_for,
+            fleet: false,
         }
+    }
+
+    /// Cooldowns are shared with a fleet: whoever learned one (this environment, from a 429, or
+    /// another, through the table), the first call after it ends is a trial that needs the
+    /// fleet's lease, until the table says how it went.
+    pub fn shared_with_fleet(mut self) -> Self {
+        self.fleet = true;
+        self
     }
 
     /// While probes keep timing out, each open period doubles, up to `max_open`.
@@ -374,6 +387,7 @@ impl HealthTable {
     pub fn record(&self, index: usize, event: Event, now: Instant) -> Change {
         let breaker = self.breaker;
         let max_open = self.max_open;
+        let fleet = self.fleet;
         self.with(|t| {
             let Some(h) = t.deployments.get_mut(index) else {
                 return Change::None;
@@ -402,7 +416,8 @@ impl HealthTable {
                     h.remaining_requests = Some(0);
                     // It answered: whatever its circuit said, the deployment is reachable.
                     h.circuit = Circuit::Closed { failures: 0 };
-                    (h.probe_since, h.trial, h.lease) = (None, false, None);
+                    // The fleet is told: when it ends, one call tries it for everyone.
+                    (h.probe_since, h.trial, h.lease) = (None, fleet, None);
                     Change::Throttled { until }
                 }
                 Event::Failure | Event::TimedOut => {
@@ -460,15 +475,18 @@ impl HealthTable {
             };
             h.shared = !shared.is_empty();
             match shared.throttled_until {
-                // Never shortens what this environment knows.
+                // Never shortens what this environment knows. When it ends, whether this read
+                // came before or after, the next call is a trial.
                 Some(until) if until > wall_ms => {
                     let until = at(until);
                     h.throttled_until = Some(h.throttled_until.map_or(until, |t| t.max(until)));
-                    h.trial = false;
+                    h.trial = true;
                 }
                 // Over, and no one has tried it since: the next call is a trial.
-                Some(_) => h.trial = h.throttled_until.is_none_or(|t| t <= now),
-                None => h.trial = false,
+                Some(_) => h.trial = true,
+                // The fleet holds no cooldown: none began (or one's trial answered), unless
+                // this environment's own is still in force (its write may not have landed).
+                None => h.trial &= h.throttled_until.is_some_and(|t| t > now),
             }
             let period = shared
                 .open_ms
@@ -791,6 +809,59 @@ mod tests {
                 until: now + Duration::from_secs(9)
             }
         );
+    }
+
+    #[test]
+    fn every_cooldown_the_fleet_shares_ends_in_a_trial_whenever_the_table_was_read() {
+        let clock = ManualClock::default();
+        let pool = one_deployment();
+        let (t0, wall) = (clock.now(), 1_000_000);
+        let cooldown = Duration::from_secs(7);
+        let ended = |health: &HealthTable| {
+            let now = t0 + cooldown;
+            assert_eq!(
+                health.state(0, now),
+                State::HalfOpen,
+                "not simply available"
+            );
+            let choice = health.choose(&[0], &pool, |_| false, now).unwrap();
+            assert!(choice.trial && !choice.probe, "{choice:?}");
+        };
+        // Its own 429, told to the fleet; a read before the table shows it keeps the trial.
+        let own = HealthTable::new(1, BREAKER, 1).shared_with_fleet();
+        own.record(
+            0,
+            Event::Throttled {
+                until: t0 + cooldown,
+            },
+            t0,
+        );
+        own.merge(
+            0,
+            &Shared::default(),
+            t0 + Duration::from_secs(1),
+            wall + 1_000,
+        );
+        ended(&own);
+        // Another's, read while it was still in force: no read after it ended.
+        let read_before = HealthTable::new(1, BREAKER, 1).shared_with_fleet();
+        let shared = shared(|s| s.throttled_until = Some(wall + 7_000));
+        read_before.merge(0, &shared, t0, wall);
+        ended(&read_before);
+        // The trial answered and the table forgot the cooldown: back to normal.
+        let later = t0 + cooldown + Duration::from_secs(1);
+        read_before.merge(0, &Shared::default(), later, wall + 8_000);
+        assert_eq!(read_before.state(0, later), State::Available);
+        // Alone (no fleet), a cooldown simply ends.
+        let alone = HealthTable::new(1, BREAKER, 1);
+        alone.record(
+            0,
+            Event::Throttled {
+                until: t0 + cooldown,
+            },
+            t0,
+        );
+        assert_eq!(alone.state(0, t0 + cooldown), State::Available);
     }
 
     #[test]

@@ -29,6 +29,11 @@ const WARM_UP_LIMIT: Duration = Duration::from_secs(1);
 const WARN_EVERY: Duration = Duration::from_secs(60);
 /// A probe's or trial's lease outlasts its call by this much, then lapses for another to try.
 const LEASE_MARGIN: Duration = Duration::from_secs(2);
+/// A lease the table does not answer is not taken: the whole fleet asking at once is what
+/// makes a table slow, and going ahead alone then is the stampede the lease is there to stop.
+/// Only when its leases have gone unanswered this long (asked again at each refresh, none
+/// answered) does the environment go ahead on its own knowledge.
+const LEASE_PATIENCE: Duration = Duration::from_secs(3);
 
 /// The fleet's table, as this environment uses it.
 struct Link {
@@ -39,6 +44,15 @@ struct Link {
     limit: Duration,
     /// When unavailability was last logged, and how many times since.
     warned: Mutex<(Option<Instant>, u64)>,
+    /// Per deployment: since when its lease calls have gone unanswered, and the last one.
+    unanswered: Mutex<Vec<Option<(Instant, Instant)>>>,
+}
+
+impl Link {
+    fn lock_unanswered(&self) -> std::sync::MutexGuard<'_, Vec<Option<(Instant, Instant)>>> {
+        // Plain data: a panic elsewhere cannot leave it half-written.
+        self.unanswered.lock().unwrap_or_else(|p| p.into_inner())
+    }
 }
 
 /// What this environment knows about each deployment, and what it shares with the fleet.
@@ -91,10 +105,16 @@ impl<C: Clock> FleetSync<C> {
             refresh: settings.health_refresh,
             limit: settings.health_timeout,
             warned: Mutex::new((None, 0)),
+            unanswered: Mutex::new(vec![None; deployments.len()]),
         });
+        let health = HealthTable::new(deployments.len(), settings.breaker, seed)
+            .with_max_open(settings.max_open);
+        let health = match link {
+            Some(_) => health.shared_with_fleet(),
+            None => health,
+        };
         Self {
-            health: HealthTable::new(deployments.len(), settings.breaker, seed)
-                .with_max_open(settings.max_open),
+            health,
             link,
             clock,
             failures: settings.breaker.failures,
@@ -186,8 +206,11 @@ impl<C: Clock> FleetSync<C> {
     }
 
     /// Takes the fleet's lease on `choice`'s probe or trial, so one environment of the fleet
-    /// makes it; `call` is how long the call may take. False when another environment holds it.
-    /// Without a table, or when the table cannot answer, this environment goes ahead alone.
+    /// makes it; `call` is how long the call may take. False when another environment holds it,
+    /// or when the table holds a cooldown or opening still in force (the last trial said how it
+    /// went), or when the table did not answer (see [`LEASE_PATIENCE`]): until the next read,
+    /// the deployment is treated as out. Without a table, or once the table has not answered
+    /// leases for that long, this environment goes ahead alone.
     pub async fn lease(&self, choice: &Choice, call: Duration) -> bool {
         let Some(link) = &self.link else {
             return true;
@@ -195,7 +218,8 @@ impl<C: Clock> FleetSync<C> {
         if !(choice.probe || choice.trial) || choice.leased {
             return true;
         }
-        let key = &link.keys[choice.index];
+        let index = choice.index;
+        let key = &link.keys[index];
         let now = self.clock.now();
         let until = now + call + LEASE_MARGIN;
         let (until_ms, now_ms) = (self.epoch_ms(until), self.epoch_ms(now));
@@ -204,27 +228,53 @@ impl<C: Clock> FleetSync<C> {
             .timeout(link.limit, link.fleet.lease(key, until_ms, now_ms))
             .await;
         let ms = millis(self.clock.now() - now);
-        match taken {
-            Some(Ok(Written::Applied)) => {
-                telemetry::health_table(TableOp::Lease, TableOutcome::Ok, ms);
-                self.health.leased(choice.index, until, true);
-                true
-            }
-            Some(Ok(Written::Superseded)) => {
-                telemetry::health_table(TableOp::Lease, TableOutcome::HeldElsewhere, ms);
-                // Until the next read says how long the other environment holds it.
-                self.health.leased(choice.index, now + link.refresh, false);
-                false
-            }
+        let answered = match taken {
+            Some(Ok(written)) => written,
             Some(Err(error)) => {
                 self.unavailable(link, TableOp::Lease, &error.to_string(), ms);
-                true
+                return self.unanswered(link, index, now);
             }
             None => {
                 self.timed_out(link, TableOp::Lease, ms);
+                return self.unanswered(link, index, now);
+            }
+        };
+        if let Some(since) = link.lock_unanswered().get_mut(index) {
+            *since = None;
+        }
+        match answered {
+            Written::Applied => {
+                telemetry::health_table(TableOp::Lease, TableOutcome::Ok, ms);
+                self.health.leased(index, until, true);
                 true
             }
+            Written::Superseded => {
+                telemetry::health_table(TableOp::Lease, TableOutcome::HeldElsewhere, ms);
+                // Until the next read says how long the other environment holds it.
+                self.health.leased(index, now + link.refresh, false);
+                false
+            }
         }
+    }
+
+    /// A lease the table did not answer: not taken, unless this deployment's leases have gone
+    /// unanswered for [`LEASE_PATIENCE`] in a row (then this environment goes ahead on its own
+    /// knowledge). A streak ends with an answer, or with a pause as long (another trial).
+    fn unanswered(&self, link: &Link, index: usize, now: Instant) -> bool {
+        let mut unanswered = link.lock_unanswered();
+        let Some(streak) = unanswered.get_mut(index) else {
+            return true;
+        };
+        let since = match *streak {
+            Some((since, last)) if now.saturating_duration_since(last) < LEASE_PATIENCE => since,
+            _ => now,
+        };
+        *streak = Some((since, now));
+        if now.saturating_duration_since(since) >= LEASE_PATIENCE {
+            return true;
+        }
+        self.health.leased(index, now + link.refresh, false);
+        false
     }
 
     /// Starts writing what a call taught (`change`, about deployment `index`) to the table.

@@ -22,7 +22,8 @@ impl Drop for Moto {
 
 impl Moto {
     pub fn start() -> Self {
-        let executable = moto_executable();
+        let mut command = moto_command();
+        let executable = format!("{command:?}");
         // A free port: bound, read, released; moto binds it a moment later.
         let port = TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
@@ -32,7 +33,7 @@ impl Moto {
         let recording = dir.join(format!("moto-recording-{port}.jsonl"));
         let log = dir.join(format!("moto-{port}.log"));
         let _ = std::fs::remove_file(&recording);
-        let child = Command::new(&executable)
+        let child = command
             .args(["-H", "127.0.0.1", "-p", &port.to_string()])
             .env("MOTO_ENABLE_RECORDING", "true")
             .env("MOTO_RECORDER_FILEPATH", &recording)
@@ -42,8 +43,7 @@ impl Moto {
             .spawn()
             .unwrap_or_else(|e| {
                 panic!(
-                    "cannot start {}: {e}; `make test` installs moto_server (pip install 'moto[server]' into .venv)",
-                    executable.display()
+                    "cannot start {executable}: {e}; `make test` installs moto (pip install 'moto[server]' into .venv)"
                 )
             });
         let mut moto = Moto {
@@ -55,8 +55,7 @@ impl Moto {
         while TcpStream::connect(("127.0.0.1", port)).is_err() {
             if let Ok(Some(status)) = moto.child.try_wait() {
                 panic!(
-                    "{} exited ({status}) before answering; its output:\n{}",
-                    executable.display(),
+                    "{executable} exited ({status}) before answering; its output:\n{}",
                     std::fs::read_to_string(&log).unwrap_or_default()
                 );
             }
@@ -97,25 +96,22 @@ impl Moto {
     }
 }
 
-/// `MOTO_SERVER`, else the Makefile's venv, else PATH.
-fn moto_executable() -> PathBuf {
+/// The command that starts moto's server: `MOTO_SERVER`, else scripts/moto_server.py (moto with
+/// DynamoDB's conditional writes made atomic, as DynamoDB's are) under the Makefile's venv.
+fn moto_command() -> Command {
     if let Some(path) = std::env::var_os("MOTO_SERVER") {
-        return PathBuf::from(path);
+        return Command::new(path);
     }
-    let venv = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/moto_server");
-    if venv.is_file() {
-        return venv;
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let python = root.join(".venv/bin/python");
+    if !python.is_file() {
+        panic!(
+            "{} not found: `make test` creates it with moto, or run: python3 -m venv .venv && \
+             .venv/bin/pip install 'moto[server]'",
+            python.display()
+        );
     }
-    std::env::var_os("PATH")
-        .iter()
-        .flat_map(std::env::split_paths)
-        .map(|dir| dir.join("moto_server"))
-        .find(|path| path.is_file())
-        .unwrap_or_else(|| {
-            panic!(
-                "moto_server not found (looked at $MOTO_SERVER, {}, and PATH): `make test` installs it, \
-                 or run: python3 -m venv .venv && .venv/bin/pip install 'moto[server]'",
-                venv.display()
-            )
-        })
+    let mut command = Command::new(python);
+    command.arg(root.join("scripts/moto_server.py"));
+    command
 }

@@ -67,7 +67,7 @@ mod wire;
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
@@ -85,6 +85,8 @@ pub struct RecordedRequest {
     pub headers: BTreeMap<String, String>,
     /// The JSON body, or the raw text as a JSON string when it was not JSON.
     pub body: serde_json::Value,
+    /// When it arrived, since the emulator started.
+    pub at: Duration,
 }
 
 /// A running emulator. Dropping it stops the server: the listener closes and every connection,
@@ -196,6 +198,20 @@ impl Emulator {
             .map_or_else(Vec::new, |d| d.requests.clone())
     }
 
+    /// When each call for `deployment` arrived, oldest first, since the emulator started.
+    pub fn call_times(&self, deployment: &str) -> Vec<Duration> {
+        let state = self.shared.lock();
+        state
+            .deployments
+            .get(deployment)
+            .map_or_else(Vec::new, |d| d.requests.iter().map(|r| r.at).collect())
+    }
+
+    /// Time since the emulator started, the clock of [`RecordedRequest::at`].
+    pub fn elapsed(&self) -> Duration {
+        self.shared.elapsed()
+    }
+
     /// Sets every call counter to zero and forgets recorded requests (behaviours are kept).
     pub fn reset_counters(&self) {
         let mut state = self.shared.lock();
@@ -290,6 +306,7 @@ impl EmulatorBuilder {
         let shared = Arc::new(Shared {
             api_key: self.api_key,
             log_calls: self.log_calls,
+            started: Instant::now(),
             state: Mutex::new(state),
         });
         let (ca_pem, acceptor) = match tls {
@@ -314,6 +331,8 @@ impl EmulatorBuilder {
 pub(crate) struct Shared {
     api_key: String,
     log_calls: bool,
+    /// When the emulator started: requests are timed from it.
+    started: Instant,
     state: Mutex<StateInner>,
 }
 
@@ -373,6 +392,11 @@ impl Shared {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
+    /// Time since the emulator started.
+    pub(crate) fn elapsed(&self) -> Duration {
+        self.started.elapsed()
+    }
+
     pub(crate) fn record(&self, deployment: Option<&str>, request: RecordedRequest) {
         let mut state = self.lock();
         state.total_calls += 1;
@@ -424,7 +448,8 @@ impl Shared {
     pub(crate) fn log(&self, deployment: &str, behavior: &str, status: &str) {
         if self.log_calls {
             eprintln!(
-                "azure-openai-emulator: deployment={deployment} behavior={behavior} status={status}"
+                "azure-openai-emulator: deployment={deployment} behavior={behavior} status={status} t={:.3}",
+                self.elapsed().as_secs_f64()
             );
         }
     }

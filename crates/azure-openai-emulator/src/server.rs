@@ -171,6 +171,7 @@ async fn handle(
             body: body
                 .clone()
                 .unwrap_or_else(|| Value::String(String::from_utf8_lossy(raw_body).into_owned())),
+            at: shared.elapsed(),
         },
     );
 
