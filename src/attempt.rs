@@ -126,9 +126,20 @@ impl Attempt {
     }
 }
 
-/// How many of `attempts` called their deployment.
-pub fn calls(attempts: &[Attempt]) -> usize {
+/// How many deployments `attempts` called (an attempt is one deployment's part, its quick retry
+/// included): the `x-fallback-attempts` header.
+pub fn called(attempts: &[Attempt]) -> usize {
     attempts.iter().filter(|a| a.called()).count()
+}
+
+/// How many upstream calls `attempts` made: a quick retry is a second call to the same
+/// deployment. The summary line's `calls`.
+pub fn upstream_calls(attempts: &[Attempt]) -> usize {
+    attempts
+        .iter()
+        .filter(|a| a.called())
+        .map(|a| 1 + usize::from(a.retried))
+        .sum()
 }
 
 /// Where a deployment stands, as the 503 body names it.
@@ -191,8 +202,8 @@ pub struct Answer<T> {
 
 impl<T> Answer<T> {
     /// How many deployments were called to get this answer.
-    pub fn calls(&self) -> usize {
-        calls(&self.attempts)
+    pub fn called(&self) -> usize {
+        called(&self.attempts)
     }
 }
 
@@ -212,6 +223,19 @@ mod tests {
         }
         assert!(AttemptOutcome::Throttled.called());
         assert!(!AttemptOutcome::CoolingDown.called());
+    }
+
+    #[test]
+    fn attempts_count_deployments_and_calls_count_a_quick_retry_twice() {
+        let mut retried = Attempt::not_called("a", AttemptOutcome::Ok, None);
+        retried.retried = true;
+        let attempts = [
+            Attempt::not_called("b", AttemptOutcome::ServerError, None),
+            retried,
+            Attempt::not_called("c", AttemptOutcome::CoolingDown, None),
+        ];
+        assert_eq!(called(&attempts), 2, "two deployments were called");
+        assert_eq!(upstream_calls(&attempts), 3, "three calls reached them");
     }
 
     #[test]

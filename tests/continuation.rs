@@ -318,6 +318,31 @@ async fn behind_api_gateway_a_cut_stream_is_answered_whole() {
     assert_eq!(events.last(), Some(&json!("[DONE]")));
 }
 
+#[tokio::test]
+async fn behind_api_gateway_the_headers_name_every_deployment_that_wrote_the_answer() {
+    // Nothing has reached the caller when the cut stream is continued: its headers can say who
+    // wrote the answer and how many deployments were called for it.
+    let h = two(Behavior::StreamCut { after: 3 }, Behavior::Healthy, &[]).await;
+    let reply = h.post("/v1/chat/completions", &chat(false)).await;
+    assert_eq!(reply.status, 200);
+    assert_eq!(
+        reply.header("x-fallback-deployment"),
+        Some("gpt-4o, gpt-35-turbo")
+    );
+    assert_eq!(reply.header("x-fallback-attempts"), Some("2"));
+    let line = summary(&h).await;
+    assert_eq!(line["calls"], 2);
+    assert_eq!(line["continued_on"], "gpt-35-turbo");
+
+    // Restarted whole on the next deployment: only it wrote the answer.
+    let h = two(Behavior::StreamToolCut { after: 2 }, Behavior::Healthy, &[]).await;
+    let mut asked = chat(false);
+    asked["tools"] = json!([{"type": "function", "function": {"name": "lookup"}}]);
+    let reply = h.post("/v1/chat/completions", &asked).await;
+    assert_eq!(reply.header("x-fallback-deployment"), Some("gpt-35-turbo"));
+    assert_eq!(reply.header("x-fallback-attempts"), Some("2"));
+}
+
 /// A pool of a v1 (OpenAI-compatible) deployment first, a classic one after it.
 async fn v1_first(first: Behavior) -> Harness {
     let emulator = Emulator::builder()

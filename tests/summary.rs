@@ -101,3 +101,27 @@ async fn every_summary_line_counts_its_latency_from_the_request_start() {
         );
     }
 }
+
+#[tokio::test]
+async fn attempts_count_deployments_and_calls_count_a_quick_retry_as_the_second_call_it_is() {
+    let h = common::Harness::new().await;
+    // One 500, retried once on the same deployment, which then answers.
+    h.emulator.push("gpt-4o", Behavior::ServerError);
+    let reply = h.ask("hello").await;
+    assert_eq!(reply.status, 200);
+    assert_eq!(reply.body["deployment"], "gpt-4o");
+    assert_eq!(
+        reply.header("x-fallback-attempts"),
+        Some("1"),
+        "one deployment"
+    );
+    assert_eq!(h.calls("gpt-4o"), 2);
+    let line = h
+        .logs
+        .lines()
+        .into_iter()
+        .find(|l| l["fields"]["message"] == "request")
+        .expect("a summary line");
+    assert_eq!(line["fields"]["calls"], 2, "two upstream calls");
+    assert_eq!(line["fields"]["attempts"], "gpt-4o:ok");
+}

@@ -169,7 +169,7 @@ fn answered(answer: &Answer<Completion>) -> Response<Reply> {
             usage: &c.usage,
         },
     );
-    fallback_headers(&mut response, &answer.deployment, answer.calls());
+    fallback_headers(&mut response, &answer.deployment, answer.called());
     response
 }
 

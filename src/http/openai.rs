@@ -14,7 +14,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tracing::Instrument;
 use tracing::instrument::WithSubscriber;
 
-use crate::attempt::{Answer, Exhausted};
+use crate::attempt::{Answer, Exhausted, called};
 use crate::clock::Clock;
 use crate::outcome::{Completion, JsonBody};
 use crate::pool::Route;
@@ -174,10 +174,10 @@ impl<C: Clock> App<C> {
         let deadline = self.deadline(request);
         let stream = body.get("stream") == Some(&Value::Bool(true));
         let result = if stream {
-            self.engine
-                .stream(route, &body, deadline, delivery)
-                .await
-                .map(|answer| self.streamed(answer, started))
+            match self.engine.stream(route, &body, deadline, delivery).await {
+                Ok(answer) => Ok(self.streamed(answer, delivery, started).await),
+                Err(error) => Err(error),
+            }
         } else {
             self.engine
                 .complete(route, &body, deadline)
@@ -290,24 +290,46 @@ impl<C: Clock> App<C> {
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/json"),
         );
-        fallback_headers(&mut response, &answer.deployment, answer.calls());
+        fallback_headers(&mut response, &answer.deployment, answer.called());
         let tokens = answer.output.total_tokens();
         Summary::answered(&answer, tokens).log(200, self.engine.clock().now() - started);
         response
     }
 
     /// A stream, relayed as the deployment produces it; its summary is logged when it has ended
-    /// (`started` is when the request came), naming every deployment that produced it.
-    fn streamed(&self, answer: Answer<Streamed>, started: Instant) -> Response<Reply> {
+    /// (`started` is when the request came), naming every deployment that produced it. Behind a
+    /// buffered front nothing reaches the caller before the stream has ended, so the headers
+    /// wait for its report and name every deployment that wrote the answer (a continued one has
+    /// two) and every deployment called for it; a streamed caller gets its headers at once.
+    async fn streamed(
+        &self,
+        answer: Answer<Streamed>,
+        delivery: Delivery,
+        started: Instant,
+    ) -> Response<Reply> {
         let summary = Summary::answered(&answer, None).streamed(true);
-        let calls = answer.calls();
+        let (mut deployment, mut attempts) = (answer.deployment, called(&answer.attempts));
         let Streamed { frames, report } = answer.output;
         let clock = self.engine.clock().clone();
-        let log = async move {
-            let report = report.await.ok();
-            summary.ended(report).log(200, clock.now() - started);
-        };
-        tokio::spawn(log.in_current_span().with_current_subscriber());
+        match delivery {
+            Delivery::Buffered => {
+                let report = report.await.ok();
+                if let Some(report) = &report {
+                    attempts += called(&report.attempts);
+                    if !report.deployments.is_empty() {
+                        deployment = report.deployments.join(", ");
+                    }
+                }
+                summary.ended(report).log(200, clock.now() - started);
+            }
+            Delivery::Streamed => {
+                let log = async move {
+                    let report = report.await.ok();
+                    summary.ended(report).log(200, clock.now() - started);
+                };
+                tokio::spawn(log.in_current_span().with_current_subscriber());
+            }
+        }
         let frames = ReceiverStream::new(frames).filter_map(chat_frame);
         let mut response = Response::new(Reply::stream(frames));
         let headers = response.headers_mut();
@@ -316,7 +338,7 @@ impl<C: Clock> App<C> {
             HeaderValue::from_static("text/event-stream"),
         );
         headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
-        fallback_headers(&mut response, &answer.deployment, calls);
+        fallback_headers(&mut response, &deployment, attempts);
         response
     }
 }

@@ -16,13 +16,14 @@ pub(super) fn path(request: &Request) -> &str {
     }
 }
 
-/// Who answered, and after how many deployments were called.
-pub(super) fn fallback_headers<B>(response: &mut Response<B>, deployment: &str, calls: usize) {
+/// Who wrote the answer (`deployment`: one id, or several in order when a cut stream was
+/// continued), and how many deployments were called for it (`attempts`).
+pub(super) fn fallback_headers<B>(response: &mut Response<B>, deployment: &str, attempts: usize) {
     let headers = response.headers_mut();
     if let Ok(v) = HeaderValue::from_str(deployment) {
         headers.insert("x-fallback-deployment", v);
     }
-    headers.insert("x-fallback-attempts", HeaderValue::from(calls));
+    headers.insert("x-fallback-attempts", HeaderValue::from(attempts));
 }
 
 pub(super) fn json_response(status: StatusCode, body: &impl Serialize) -> Response<Reply> {

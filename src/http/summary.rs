@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use crate::attempt::{Answer, Attempt, calls};
+use crate::attempt::{Answer, Attempt, upstream_calls};
 use crate::clock::millis;
 use crate::routing::{RouteError, StreamEnding, StreamReport};
 
@@ -102,7 +102,7 @@ impl Summary {
             route = self.route,
             status,
             deployment = self.deployment,
-            calls = calls(&self.attempts),
+            calls = upstream_calls(&self.attempts),
             attempts,
             latency_ms = millis(latency),
             total_tokens = self.tokens,
