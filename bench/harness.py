@@ -76,7 +76,7 @@ COLD_RUNS = knob("BENCH_COLD_RUNS", 50, int)  # per binary, upstream and CPU con
 QUOTA_REQUESTS = knob("BENCH_QUOTA_REQUESTS", 400, int)  # per turn, scenario 1 under the CPU quota
 QUOTA_ROUNDS = knob("BENCH_QUOTA_ROUNDS", 3, int)
 FLEET_ENVIRONMENTS = knob("BENCH_FLEET_ENVIRONMENTS", 16, int)
-FLEET_RATE = knob("BENCH_FLEET_RATE", 2.0)  # requests per second per environment
+FLEET_RATE = knob("BENCH_FLEET_RATE", 0.0)  # requests per second per environment; 0: always one in flight
 SKIP_ARM64 = os.environ.get("BENCH_SKIP_ARM64", "") not in ("", "0")
 ONLY = {s for s in os.environ.get("BENCH_SYSTEMS", "").split(",") if s}
 
@@ -780,10 +780,12 @@ def fleet(report):
     prints what happened (calls per Retry-After window, requests that waited for a timeout,
     seconds to recover, the table's read latency)."""
     port = free_port()
-    moto = Proc("moto", [VENV_BIN / "moto_server", "-H", "127.0.0.1", "-p", port])
+    # DynamoDB's conditional writes are atomic; moto's, without scripts/moto_server.py, are not.
+    moto = Proc("moto", [VENV_BIN / "python", ROOT / "scripts/moto_server.py", "-H", "127.0.0.1", "-p", port])
     try:
         wait_until(lambda: http_status(f"http://127.0.0.1:{port}/") is not None, 60, moto, "moto")
-        log(f"  fleet: {FLEET_ENVIRONMENTS} environments, {FLEET_RATE:g} requests/s each, "
+        log(f"  fleet: {FLEET_ENVIRONMENTS} environments, "
+            f"{f'{FLEET_RATE:g} requests/s each' if FLEET_RATE else 'a request always in flight in each'}, "
             "local-only and shared side by side")
         with open(LOGS / "fleet.log", "wb") as err:
             done = subprocess.run([str(TARGET / "bench-fixture/fleet"), "--moto", f"http://127.0.0.1:{port}",

@@ -213,7 +213,10 @@ def fleet_section(report, w):
     t, h, r = f["throttle"], f["hang"], f["table_reads"]
     w(f"{f['environments']} execution environments of fallback-chat (`bench/fleet`: in-process "
       "App instances, each with its own health table, as each Lambda execution environment has), "
-      f"{f['rate_per_environment']:g} requests a second each, spread evenly, the real handler fed "
+      + (f"{f['rate_per_environment']:g} requests a second each, spread evenly, "
+         if f.get('rate_per_environment') else "each with a request always in flight (the next "
+         "sent as soon as the last is answered, as a busy Lambda environment has), ")
+      + "the real handler fed "
       "API Gateway events; the fleet warm (every environment has answered from gpt-4o) before the "
       "fault starts. Once with each environment learning alone (no `HEALTH_TABLE`), once sharing "
       "health through a DynamoDB table in moto's server on 127.0.0.1 (`HEALTH_TABLE`, default "

@@ -12,7 +12,7 @@
 //! The local-only and shared runs of (a) and of (b) run side by side, each against an emulator
 //! of its own: what they report are counts and timeouts, not microseconds.
 //!
-//! Usage: fleet --moto http://127.0.0.1:PORT [--environments 16] [--rate 2] [--windows 4]
+//! Usage: fleet --moto http://127.0.0.1:PORT [--environments 16] [--rate 0] [--windows 4]
 //!              [--retry-after 7] [--hang 30] [--attempt-timeout-ms 10000] [--reads 500]
 //! Prints one JSON object on stdout.
 
@@ -39,7 +39,7 @@ const WAITED: f64 = 0.9;
 struct Args {
     moto: String,
     environments: usize,
-    /// Requests per second per environment.
+    /// Requests per second per environment; 0: each environment always has one in flight.
     rate: f64,
     windows: u32,
     retry_after: u64,
@@ -52,7 +52,7 @@ fn args() -> Result<Args, String> {
     let mut a = Args {
         moto: String::new(),
         environments: 16,
-        rate: 2.0,
+        rate: 0.0,
         windows: 4,
         retry_after: 7,
         hang: 30,
@@ -181,14 +181,20 @@ impl FleetRun {
         run
     }
 
-    /// Sends requests to every environment at `rate` per second each, until `stop` is set.
+    /// Sends requests to every environment at `rate` per second each (0: the next as soon as
+    /// the last is answered, one always in flight, as a busy Lambda environment has), until
+    /// `stop` is set.
     fn load(
         &self,
         rate: f64,
         stop: Arc<AtomicBool>,
         started: Instant,
     ) -> Vec<tokio::task::JoinHandle<Vec<Sample>>> {
-        let gap = Duration::from_secs_f64(1.0 / rate);
+        let gap = if rate > 0.0 {
+            Duration::from_secs_f64(1.0 / rate)
+        } else {
+            Duration::ZERO
+        };
         let share = 1.0 / self.apps.len() as f64;
         self.apps
             .iter()
