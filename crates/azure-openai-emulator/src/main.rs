@@ -141,14 +141,14 @@ async fn main() -> ExitCode {
         emulator.set_chunk_delay(name, args.chunk_delay);
     }
     // Written before the listening line, so a script that waits for the line can read the file.
-    if let (Some(path), Some(pem)) = (&args.tls_ca_out, emulator.ca_pem()) {
-        if let Err(e) = std::fs::write(path, pem) {
-            eprintln!(
-                "azure-openai-emulator: cannot write the test CA to {}: {e}",
-                path.display()
-            );
-            return ExitCode::FAILURE;
-        }
+    if let (Some(path), Some(pem)) = (&args.tls_ca_out, emulator.ca_pem())
+        && let Err(e) = std::fs::write(path, pem)
+    {
+        eprintln!(
+            "azure-openai-emulator: cannot write the test CA to {}: {e}",
+            path.display()
+        );
+        return ExitCode::FAILURE;
     }
 
     let listed: Vec<String> = args
