@@ -3,6 +3,8 @@
 use std::fmt;
 use std::str::FromStr;
 
+use crate::chaos::{Chaos, DEFAULT_HEALTHY_PERCENT};
+
 /// What a deployment does with the next call.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Behavior {
@@ -62,6 +64,9 @@ pub enum Behavior {
     ContinueOverlap { words: usize },
     /// Streamed: a tool call whose arguments stop after `after` pieces, then a TCP reset.
     StreamToolCut { after: usize },
+    /// Switches at random, seeded, between healthy and the failures above, in phases of 0.5 to
+    /// 3 s: each call acts out the phase in force when it arrives ([`crate::chaos`]).
+    Chaos(Chaos),
 }
 
 /// Which timing headers a 429 carries.
@@ -101,7 +106,7 @@ throttled-date:<secs>, throttled-reset:<secs>, throttled-reset-tokens:<secs>, th
 content-filter, context-length, not-found, 401|unauthorized, output-filtered, stream-cut:<chunks>, \
 stream-stall:<chunks>, stream-corrupt:<index>, stream-no-done, stream-slow-start:<ms>, \
 stream-async-filter, content-policy, no-prefill, refuse-continuation, continue-overlap:<words>, \
-stream-tool-cut:<pieces>";
+stream-tool-cut:<pieces>, chaos:<seed>, chaos:<seed>:<healthy-percent>";
 
 impl FromStr for Behavior {
     type Err = String;
@@ -149,6 +154,23 @@ impl FromStr for Behavior {
             "refuse-continuation" => plain(Behavior::RefuseContinuation),
             "continue-overlap" => Ok(Behavior::ContinueOverlap { words: count()? }),
             "stream-tool-cut" => Ok(Behavior::StreamToolCut { after: count()? }),
+            "chaos" => {
+                let arg = arg.ok_or_else(bad)?;
+                let (seed, healthy) = arg
+                    .split_once(':')
+                    .map_or((arg, None), |(seed, healthy)| (seed, Some(healthy)));
+                let seed = seed.trim().parse().map_err(|_| bad())?;
+                let healthy = match healthy {
+                    Some(h) => h
+                        .trim()
+                        .parse()
+                        .ok()
+                        .filter(|h| *h <= 100)
+                        .ok_or_else(bad)?,
+                    None => DEFAULT_HEALTHY_PERCENT,
+                };
+                Ok(Behavior::Chaos(Chaos::new(seed, healthy)))
+            }
             _ => Err(bad()),
         }
     }
@@ -189,6 +211,9 @@ impl fmt::Display for Behavior {
             Behavior::RefuseContinuation => f.write_str("refuse-continuation"),
             Behavior::ContinueOverlap { words } => write!(f, "continue-overlap:{words}"),
             Behavior::StreamToolCut { after } => write!(f, "stream-tool-cut:{after}"),
+            Behavior::Chaos(chaos) => {
+                write!(f, "chaos:{}:{}", chaos.seed(), chaos.healthy_percent())
+            }
         }
     }
 }

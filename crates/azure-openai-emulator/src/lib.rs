@@ -25,6 +25,10 @@
 //! the api-version check (classic route), the key, the deployment (registered?), the body
 //! (`messages`), and only then the deployment's scripted behaviour.
 //!
+//! Chaos: [`Behavior::Chaos`] (`chaos:<seed>`) makes a deployment switch at random, seeded and
+//! reproducible, between healthy and every kind of failure, in phases of 0.5 to 3 s counted from
+//! the emulator's start; each call acts out the phase in force when it arrives ([`Chaos`]).
+//!
 //! Every deployment answers `[<deployment>] You said: <last user message>`. A request whose
 //! last assistant message is the beginning of such an answer (as the last message, or followed by
 //! one user message asking to continue) gets the rest of it: that is how the emulator continues a
@@ -60,6 +64,7 @@
 //! ```
 
 mod behavior;
+pub mod chaos;
 mod server;
 mod tls;
 mod wire;
@@ -73,6 +78,7 @@ use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
 pub use behavior::{Behavior, RetryAfter};
+pub use chaos::Chaos;
 
 /// One request received on a chat-completions route, as recorded by the emulator.
 #[derive(Clone, Debug, PartialEq)]
@@ -356,6 +362,7 @@ impl StateInner {
                 remaining_tokens: 99_000,
                 calls: 0,
                 requests: Vec::new(),
+                chaos: None,
             })
     }
 }
@@ -372,6 +379,22 @@ struct DeploymentState {
     remaining_tokens: u64,
     calls: usize,
     requests: Vec<RecordedRequest>,
+    /// The schedule of the last [`Behavior::Chaos`] acted out, kept so phases are drawn once.
+    chaos: Option<chaos::Schedule>,
+}
+
+impl DeploymentState {
+    /// What `behavior` does at `at`: a chaos behaviour's phase then, any other as it is.
+    fn resolve(&mut self, name: &str, behavior: Behavior, at: Duration) -> Behavior {
+        let Behavior::Chaos(wanted) = behavior else {
+            return behavior;
+        };
+        let schedule = match &mut self.chaos {
+            Some(schedule) if schedule.chaos() == wanted => schedule,
+            other => other.insert(wanted.schedule(name)),
+        };
+        schedule.at(at).behavior.clone()
+    }
 }
 
 /// What the server should do with one call of a registered deployment.
@@ -426,12 +449,14 @@ impl Shared {
             .collect()
     }
 
-    /// Consumes the next one-shot behaviour (or the steady one); `None` if not registered.
-    pub(crate) fn next_behavior(&self, deployment: &str) -> Option<Plan> {
+    /// Consumes the next one-shot behaviour (or the steady one), a chaos one resolved to its phase
+    /// at `at` (when the call arrived); `None` if not registered.
+    pub(crate) fn next_behavior(&self, deployment: &str, at: Duration) -> Option<Plan> {
         let mut state = self.lock();
         let d = state.deployments.get_mut(deployment)?;
         let steady = d.steady.clone()?;
         let behavior = d.queue.pop_front().unwrap_or(steady);
+        let behavior = d.resolve(deployment, behavior, at);
         Some(Plan {
             behavior,
             model: d

@@ -32,7 +32,12 @@ const USAGE: &str = "usage: azure-openai-emulator [--host 127.0.0.1] [--port 808
             content-policy           400 content_policy_violation, as OpenAI refuses a prompt
             no-prefill               400 when the last message is an assistant message
             refuse-continuation      400 for any request that asks to continue a partial answer
-            continue-overlap:<words> a continuation first repeats the partial answer's last words";
+            continue-overlap:<words> a continuation first repeats the partial answer's last words
+  chaos (seeded, reproducible; phases of 0.5 to 3 s from the start, independent per deployment):
+            chaos:<seed>             healthy half the time, otherwise one of: throttled (1-4 s),
+                                     500, 503, reset, hang, stream-cut, stream-stall,
+                                     stream-no-done, stream-corrupt, content-filter, output-filtered
+            chaos:<seed>:<percent>   healthy <percent> of the time (0-100)";
 
 struct Args {
     host: IpAddr,
@@ -197,6 +202,8 @@ async fn terminate() {
 
 #[cfg(test)]
 mod tests {
+    use azure_openai_emulator::Chaos;
+
     use super::*;
 
     fn parse(args: &[&str]) -> Result<Option<Args>, String> {
@@ -240,6 +247,23 @@ mod tests {
             (Duration::from_millis(5), Some(Duration::from_secs(3)))
         );
         assert!(matches!(parse(&["--help"]), Ok(None)));
+
+        let args = parse(&[
+            "--deployment",
+            "a=chaos:42",
+            "--deployment",
+            "b=chaos:42:70",
+        ])
+        .ok()
+        .flatten()
+        .expect("chaos");
+        assert_eq!(
+            args.deployments,
+            [
+                ("a".to_owned(), Behavior::Chaos(Chaos::new(42, 50))),
+                ("b".to_owned(), Behavior::Chaos(Chaos::new(42, 70))),
+            ]
+        );
     }
 
     #[test]
@@ -250,6 +274,9 @@ mod tests {
             &["--bogus", "1"],
             &["--deployment", "a=nope"],
             &["--deployment", "=hang"],
+            &["--deployment", "a=chaos"],
+            &["--deployment", "a=chaos:x"],
+            &["--deployment", "a=chaos:1:101"],
             &["--tls-ca-out"],
             &["--tls-ca-out", ""],
         ] {

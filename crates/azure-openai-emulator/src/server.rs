@@ -162,6 +162,7 @@ async fn handle(
     let name = deployment.as_deref().unwrap_or("-");
 
     // Count and record first, so every call (even a rejected or hung one) is visible to tests.
+    let at = shared.elapsed();
     shared.record(
         deployment.as_deref(),
         RecordedRequest {
@@ -171,7 +172,7 @@ async fn handle(
             body: body
                 .clone()
                 .unwrap_or_else(|| Value::String(String::from_utf8_lossy(raw_body).into_owned())),
-            at: shared.elapsed(),
+            at,
         },
     );
 
@@ -219,7 +220,7 @@ async fn handle(
         }
     };
     // Only calls that got this far consume a one-shot behaviour.
-    let Some(plan) = shared.next_behavior(deployment) else {
+    let Some(plan) = shared.next_behavior(deployment, at) else {
         return finish(
             shared,
             name,

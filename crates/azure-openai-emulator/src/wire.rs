@@ -576,7 +576,8 @@ pub(crate) fn error_reply(behavior: &Behavior, api_version: Option<&str>) -> Opt
         | Behavior::NoPrefill
         | Behavior::RefuseContinuation
         | Behavior::ContinueOverlap { .. }
-        | Behavior::StreamToolCut { .. } => {
+        | Behavior::StreamToolCut { .. }
+        | Behavior::Chaos(_) => {
             return None;
         }
     })

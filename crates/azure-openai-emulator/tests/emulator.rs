@@ -4,7 +4,7 @@ mod common;
 
 use std::time::{Duration, Instant, SystemTime};
 
-use azure_openai_emulator::{Behavior, Emulator, RetryAfter};
+use azure_openai_emulator::{Behavior, Chaos, Emulator, RetryAfter};
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -612,6 +612,8 @@ fn behavior_from_str_round_trips() {
         Behavior::DeploymentNotFound,
         Behavior::Unauthorized,
         Behavior::OutputFiltered,
+        Behavior::Chaos(Chaos::new(42, 70)),
+        Behavior::Chaos(Chaos::new(u64::MAX, 0)),
     ];
     for b in all {
         assert_eq!(b.to_string().parse::<Behavior>(), Ok(b.clone()), "{b}");
@@ -644,6 +646,8 @@ fn behavior_from_str_round_trips() {
         ("401", Behavior::Unauthorized),
         ("not-found", Behavior::DeploymentNotFound),
         ("reset", Behavior::ResetConnection),
+        ("chaos:42", Behavior::Chaos(Chaos::new(42, 50))),
+        ("chaos:7:100", Behavior::Chaos(Chaos::new(7, 100))),
     ];
     for (text, b) in aliases {
         assert_eq!(text.parse::<Behavior>(), Ok(b), "{text}");
@@ -655,6 +659,10 @@ fn behavior_from_str_round_trips() {
         "throttled-ms",
         "hang:3",
         "healthy:1",
+        "chaos",
+        "chaos:x",
+        "chaos:1:101",
+        "chaos:1:2:3",
     ] {
         let err = bad.parse::<Behavior>().expect_err(bad);
         assert!(
