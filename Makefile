@@ -6,7 +6,7 @@ VENV_BIN := $(abspath $(VENV))/bin
 export PATH := $(VENV_BIN):$(PATH)
 export SAM_CLI_TELEMETRY := 0
 
-.PHONY: run test checks unit lint deny e2e template emulator bench clean
+.PHONY: run test checks unit lint deny e2e template emulator bench soak fuzz clean
 
 ## Start the function under `cargo lambda watch` on 127.0.0.1:9000 (emulated Azure unless configured).
 run: $(VENV)/.installed
@@ -49,6 +49,16 @@ template: $(VENV)/.installed
 ## Side-by-side benchmarks (direct, in-process, cargo lambda watch, LiteLLM): writes BENCHMARKS.md.
 bench:
 	bench/run.sh
+
+## Soak with faults: 10,000 requests per mode through `cargo lambda watch --concurrency 4` while
+## the emulator's deployments fail at random (seeded); writes bench/soak.md (in BENCHMARKS.md).
+soak:
+	bench/run.sh soak
+
+## Fuzzing: every target of src/fuzz.rs under libFuzzer (cargo-fuzz), FUZZ_SECONDS each (120);
+## merges what adds coverage into fuzz/corpus and writes bench/fuzz.md. `make test` replays it.
+fuzz: $(VENV)/.installed
+	scripts/fuzz.sh
 
 ## The local Azure OpenAI emulator alone, for demos: make emulator ARGS='--deployment gpt-4o=throttled:7'
 emulator:

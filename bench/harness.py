@@ -244,13 +244,14 @@ class Emulator:
     With `tls_ca_out` (a path), it serves HTTPS (`--tls-ca-out`): a test CA generated at start,
     its PEM written there (`ca_path`), `url` the https URL its ready line prints."""
 
-    def __init__(self, name, behaviors, latency_ms=0, tls_ca_out=None):
+    def __init__(self, name, behaviors, latency_ms=0, tls_ca_out=None, binary=None, extra=()):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.ca_path = Path(tls_ca_out) if tls_ca_out else None
         self.calls_path = LOGS / f"emulator-{name}.calls"
-        argv = [TARGET / "bench-fixture/azure-openai-emulator", "--host", "127.0.0.1", "--port", self.port,
-                "--api-key", EMULATOR_KEY, "--latency-ms", latency_ms, "--exit-after", 3600]
+        argv = [binary or TARGET / "bench-fixture/azure-openai-emulator", "--host", "127.0.0.1",
+                "--port", self.port, "--api-key", EMULATOR_KEY, "--latency-ms", latency_ms,
+                "--exit-after", 3600, *extra]
         for deployment, behavior in behaviors.items():
             argv += ["--deployment", f"{deployment}={behavior}"]
         if self.ca_path:

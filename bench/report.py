@@ -736,6 +736,11 @@ def write(report):
     w("  CLIENT_API_KEYS=fc-example-client-key-0000 EXTRA_CA_CERTS=/tmp/emulator-ca.pem")
     w("```")
     w("")
+    # Written by their own runs (`make soak`, `make fuzz`), each with its date.
+    for extra in ("soak.md", "fuzz.md"):
+        if (BENCH / extra).exists():
+            w((BENCH / extra).read_text().rstrip())
+            w("")
     w("## The LiteLLM configuration")
     w("")
     w("Started as `litellm --config <file> --host 127.0.0.1 --port <port> --num_workers 1 "

@@ -36,4 +36,9 @@ print(json.dumps({"version": None, "error": "pip install failed: " + (lines[-1] 
   export BENCH_LITELLM_INSTALL_PID=$!
 fi
 
+# `make soak` (bench/run.sh soak): the soak with faults alone; it needs only this venv.
+if [[ ${1:-} == soak ]]; then
+  shift
+  exec "$VENV/bin/python" bench/soak.py "$@"
+fi
 exec "$VENV/bin/python" bench/harness.py "$@"

@@ -21,6 +21,9 @@ mod attempt;
 pub mod clock;
 pub mod config;
 pub mod error;
+// Fuzz targets (fuzz/, tests/fuzz.rs); not part of the API.
+#[doc(hidden)]
+pub mod fuzz;
 pub mod health;
 // The surface answers with HTTP statuses; upstream/ reads Azure's.
 #[allow(clippy::disallowed_types)]
@@ -51,6 +54,7 @@ use crate::routing::{Engine, Settings};
 
 pub use crate::http::App;
 pub use crate::http::auth::ClientKeys;
+pub use crate::http::event::repair as repair_event;
 
 impl App<SystemClock> {
     /// The App without the fleet's shared health, whatever `HEALTH_TABLE` says, and with the

@@ -12,13 +12,14 @@ use std::convert::Infallible;
 use std::process::ExitCode;
 use std::sync::Arc;
 
-use fallback_chat::App;
 use fallback_chat::config::Config;
 use fallback_chat::error::ConfigError;
 use fallback_chat::telemetry;
+use fallback_chat::{App, repair_event};
 use lambda_http::http::{Method, Uri};
 use lambda_http::lambda_runtime::Diagnostic;
-use lambda_http::{Request, service_fn};
+use lambda_http::request::LambdaRequest;
+use lambda_http::{Adapter, LambdaEvent, Request, Service, StreamAdapter, service_fn};
 use lambda_runtime_api_client::{Client, build_request};
 
 /// Configuration, then the shared state (keys held in AWS resolved, only when referenced).
@@ -100,6 +101,21 @@ async fn check() -> ExitCode {
     }
 }
 
+/// lambda_http's adapter (`lambda_http::run` and `run_with_streaming_response` are exactly
+/// these adapters under the runtime), each event first repaired where lambda_http would panic
+/// on it ([`repair_event`]).
+fn repaired<S, R>(
+    mut adapter: S,
+) -> impl Service<LambdaEvent<LambdaRequest>, Response = R, Error = Infallible, Future = S::Future>
+where
+    S: Service<LambdaEvent<LambdaRequest>, Response = R, Error = Infallible>,
+{
+    service_fn(move |mut event: LambdaEvent<LambdaRequest>| {
+        repair_event(&mut event.payload);
+        adapter.call(event)
+    })
+}
+
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> ExitCode {
     // JSON lines when AWS_LAMBDA_LOG_FORMAT=JSON, level from AWS_LAMBDA_LOG_LEVEL or RUST_LOG.
@@ -137,14 +153,14 @@ async fn main() -> ExitCode {
             let app = Arc::clone(&app);
             async move { Ok::<_, Infallible>(app.handle(request).await) }
         });
-        lambda_http::run_with_streaming_response(handler).await
+        lambda_http::lambda_runtime::run(repaired(StreamAdapter::from(handler))).await
     } else {
         // API Gateway, ALB, buffered Function URLs: one whole response per invocation.
         let handler = service_fn(move |request: Request| {
             let app = Arc::clone(&app);
             async move { Ok::<_, Infallible>(app.handle_buffered(request).await) }
         });
-        lambda_http::run(handler).await
+        lambda_http::lambda_runtime::run(repaired(Adapter::from(handler))).await
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

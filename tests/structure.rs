@@ -23,6 +23,8 @@ const LAYERS: &[(&str, u8)] = &[
     ("sse", 0),
     ("reply", 0),
     ("error", 0),
+    // Fuzz targets: beside lib.rs, over everything.
+    ("fuzz", 5),
     ("pool", 1),
     ("telemetry", 1),
     ("net", 1),

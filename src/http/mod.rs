@@ -4,6 +4,8 @@
 mod app;
 mod ask;
 pub(crate) mod auth;
+pub(crate) mod event;
+pub(crate) mod fuzz;
 mod openai;
 mod respond;
 mod summary;

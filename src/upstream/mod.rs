@@ -6,6 +6,7 @@
 
 mod chat;
 mod events;
+pub(crate) mod fuzz;
 mod kind;
 mod wire;
 

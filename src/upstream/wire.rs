@@ -16,7 +16,7 @@ use crate::outcome::{ContentFilter, Failure, Quota, Transient, filtered_categori
 use super::kind::Kind;
 
 /// A Retry-After longer than this is treated as this: guards against absurd values only.
-const MAX_RETRY_AFTER: Duration = Duration::from_secs(24 * 60 * 60);
+pub(super) const MAX_RETRY_AFTER: Duration = Duration::from_secs(24 * 60 * 60);
 
 /// The refusal an error object (`{"error": {...}}`, as a stream's error event carries it) is, if
 /// it is one.

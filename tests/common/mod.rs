@@ -167,7 +167,9 @@ pub async fn invoke_app(
     event: &str,
     deadline_ms: u64,
 ) -> Reply {
-    let payload: LambdaRequest = serde_json::from_str(event).expect("a Lambda HTTP event");
+    let mut payload: LambdaRequest = serde_json::from_str(event).expect("a Lambda HTTP event");
+    // As main.rs runs every event.
+    fallback_chat::repair_event(&mut payload);
     let mut context = Context::default();
     context.request_id = format!("req-{:x}", rand_id());
     context.deadline = deadline_ms;
