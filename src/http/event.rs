@@ -3,7 +3,7 @@
 //! lambda_http builds each request's URI with `unwrap`/`expect` (lambda_http 1.3,
 //! src/request.rs): an HTTP API event whose raw query string holds a character a URI cannot
 //! (`GET /?query="hi"` as curl sends it, a space, a non-ASCII letter), or a `Host` or
-//! `X-Forwarded-Proto` header that does not make a URL, panics the invocation, and the caller
+//! `X-Forwarded-Proto` header that does not make a URI, panics the invocation, and the caller
 //! gets a bare 502 instead of an answer. Found by the `request` fuzz target
 //! (fuzz/corpus/request/regression-*). The repair keeps what the caller meant: the query is
 //! percent-encoded where it must be (its parameters decode to the same text), and a host that
@@ -79,8 +79,12 @@ fn rooted(path: &mut String) {
 /// `X-Forwarded-Proto` names, it makes a URL; a bad scheme is dropped first.
 fn host(headers: &mut HeaderMap, domain: &mut Option<String>) {
     let proto = lambda_http::http::HeaderName::from_static("x-forwarded-proto");
-    let makes_url =
-        |scheme: &str, host: &str| url::Url::parse(&format!("{scheme}://{host}/")).is_ok();
+    // As lambda_http builds the URI: a URL first, then the `http` crate's URI, which refuses
+    // some characters a URL's host keeps (a backtick, a brace).
+    let makes_url = |scheme: &str, host: &str| {
+        url::Url::parse(&format!("{scheme}://{host}/"))
+            .is_ok_and(|url| lambda_http::http::Uri::try_from(url.as_str()).is_ok())
+    };
     let scheme = |headers: &HeaderMap| {
         headers
             .get(&proto)
