@@ -70,7 +70,7 @@ done
   echo "|---|---:|---:|---:|---:|---:|---:|---:|"
   printf '%s\n' "${rows[@]}"
   echo
-  echo "Found and fixed so far: lambda_http panics on an event whose raw query string holds a character a URI cannot (\`?query=\"hi\"\` as curl sends it, a space, a non-ASCII letter) or whose Host or X-Forwarded-Proto makes no URL; every event is now repaired first (src/http/event.rs; regression inputs fuzz/corpus/request/regression-*, test tests/events.rs)."
+  echo "What fuzzing has found, and the fix and regression test of each: docs/testing.md, \"Fuzzing\"."
 } > bench/fuzz.md
 cat bench/fuzz.md
 exit $failed
