@@ -21,8 +21,9 @@ use base64::prelude::{BASE64_STANDARD, Engine as _};
 use serde_json::{Map, Value, json};
 
 use crate::config::Config;
+use crate::http::App;
 use crate::http::fuzz::UPSTREAM_KEY;
-use crate::{App, http, upstream};
+use crate::{http, upstream};
 
 /// The client key the fuzzing App accepts: the one in events/, which the seed corpus carries.
 pub const CLIENT_KEY: &str = "fc-example-client-key-0000";
