@@ -35,6 +35,8 @@ async fn queries_and_hosts_lambda_http_cannot_parse_are_answered() {
         (r#"query="hi""#, r#""hi""#, "exa mple.com"),
         ("query=café au lait", "café au lait", "a`b.example.com"),
         ("query=a%20b c", "a b c", "example}"),
+        // A control character (a raw query of that one byte alone: fuzz/corpus/request/regression-one-control-byte-query).
+        ("query=\u{8}", "\u{8}", "example.com"),
     ] {
         let mut event: serde_json::Value =
             serde_json::from_str(&event("http-api/get-query.json")).unwrap();

@@ -61,9 +61,10 @@ pub fn repair(event: &mut LambdaRequest) {
 }
 
 fn encode(text: &mut String, set: &'static AsciiSet) {
+    // Borrowed when nothing needed encoding, but also when the whole text was one escaped byte.
     let encoded: Cow<'_, str> = utf8_percent_encode(text, set).into();
-    if let Cow::Owned(encoded) = encoded {
-        *text = encoded;
+    if encoded != text.as_str() {
+        *text = encoded.into_owned();
     }
 }
 
