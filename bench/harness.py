@@ -311,17 +311,23 @@ class Emulator:
     def mark(self):
         return self.calls_path.stat().st_size
 
-    def calls_since(self, mark):
-        """Upstream calls per deployment since `mark`."""
+    def count_since(self, mark, field="deployment", value=lambda v: v):
+        """Upstream calls since `mark`, counted by `field` of the emulator's call log (its value
+        passed through `value`), most first."""
         with open(self.calls_path, "rb") as f:
             f.seek(mark)
             text = f.read().decode(errors="replace")
         counts = {}
         for line in text.splitlines():
             parts = dict(p.split("=", 1) for p in line.split() if "=" in p)
-            if "deployment" in parts:
-                counts[parts["deployment"]] = counts.get(parts["deployment"], 0) + 1
-        return counts
+            if field in parts:
+                key = value(parts[field])
+                counts[key] = counts.get(key, 0) + 1
+        return dict(sorted(counts.items(), key=lambda kv: -kv[1]))
+
+    def calls_since(self, mark):
+        """Upstream calls per deployment since `mark`."""
+        return self.count_since(mark)
 
     def stop(self):
         self.proc.stop()

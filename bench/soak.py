@@ -191,20 +191,6 @@ def functions(proc):
     return [p for p in proc.group() if harness.comm(p) == "fallback-chat"]
 
 
-def behaviours_since(emulator, mark):
-    """Upstream calls since `mark`, by the behaviour the chaos schedule gave them."""
-    with open(emulator.calls_path, "rb") as f:
-        f.seek(mark)
-        text = f.read().decode(errors="replace")
-    counts = {}
-    for line in text.splitlines():
-        parts = dict(p.split("=", 1) for p in line.split() if "=" in p)
-        if "behavior" in parts:
-            behavior = parts["behavior"].split(":", 1)[0]
-            counts[behavior] = counts.get(behavior, 0) + 1
-    return dict(sorted(counts.items(), key=lambda kv: -kv[1]))
-
-
 def soak(mode):
     tag = f"soak-{mode}"
     behaviors = {d: f"chaos:{SEED + n}:{HEALTHY}" for n, d in enumerate(DEPLOYMENTS)}
@@ -243,7 +229,8 @@ def soak(mode):
         end_rss = {p: rss_kib(p) for p in envs}
         peak_rss = {p: rss_kib(p, "VmHWM") for p in envs}
         calls = sum(emulator.calls_since(mark).values())
-        behaviours = behaviours_since(emulator, mark)
+        # The chaos schedule logs each call's behaviour as "kind:detail".
+        behaviours = emulator.count_since(mark, "behavior", lambda v: v.split(":", 1)[0])
     finally:
         watch.stop()
         emulator.stop()
