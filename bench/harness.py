@@ -77,6 +77,14 @@ QUOTA_REQUESTS = knob("BENCH_QUOTA_REQUESTS", 400, int)  # per turn, scenario 1 
 QUOTA_ROUNDS = knob("BENCH_QUOTA_ROUNDS", 3, int)
 FLEET_ENVIRONMENTS = knob("BENCH_FLEET_ENVIRONMENTS", 16, int)
 FLEET_RATE = knob("BENCH_FLEET_RATE", 0.0)  # requests per second per environment; 0: always one in flight
+# The load table: open-loop arrival rates (requests per second), seconds per rate and system,
+# the emulator's fixed answer delay, and the execution environments cargo lambda watch may start
+# (Lambda gives each in-flight request one; 32 carry 1000/s at 20 ms, and each takes a
+# `cargo run` to start, so more would mostly lengthen the warm-up).
+LOAD_RATES = [float(r) for r in os.environ.get("BENCH_LOAD_RATES", "100,500,1000,2000").split(",") if r]
+LOAD_SECONDS = knob("BENCH_LOAD_SECONDS", 15.0)
+LOAD_LATENCY_MS = knob("BENCH_LOAD_LATENCY_MS", 20, int)
+LOAD_ENVIRONMENTS = knob("BENCH_LOAD_ENVIRONMENTS", 32, int)
 SKIP_ARM64 = os.environ.get("BENCH_SKIP_ARM64", "") not in ("", "0")
 ONLY = {s for s in os.environ.get("BENCH_SYSTEMS", "").split(",") if s}
 
@@ -384,17 +392,24 @@ def http_load(url, headers, body, concurrency, count, seconds, rate=0.0, warmup=
     return asyncio.run(_http_load(url, headers, body, concurrency, count, seconds, rate, warmup))
 
 
-def inprocess_load(mode, emulator, deployment, concurrency, count, seconds, rate, warmup, log, preexec=None):
-    """Runs bench/inprocess (the in-process driver) once; returns (results, seconds, peak RSS KiB of the driver)."""
+def inprocess_load(mode, emulator, deployment, concurrency, count, seconds, rate, warmup, log, preexec=None,
+                   extra=(), with_cpu=False):
+    """Runs bench/inprocess (the in-process driver) once; returns (results, seconds, peak RSS KiB of
+    the driver), and with `with_cpu` the CPU seconds the driver used as a fourth value."""
     env = dict(os.environ, **function_env(emulator))
     argv = ["timeout", "-k", "5", str(int(seconds + 180)), TARGET / "release/inprocess",
             "--mode", mode, "--concurrency", concurrency, "--requests", count,
             "--seconds", seconds, "--rate", rate, "--warmup", warmup,
             "--endpoint", emulator.url, "--deployment", deployment,
-            "--api-key", EMULATOR_KEY, "--client-key", CLIENT_KEY]
+            "--api-key", EMULATOR_KEY, "--client-key", CLIENT_KEY, *extra]
     with open(log, "ab") as err:
-        done = subprocess.run([str(a) for a in argv], env=env, stdout=subprocess.PIPE, stderr=err,
-                              stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=preexec)
+        # `timeout` waits for its child, so its own rusage (wait4) counts the driver's CPU time.
+        proc = subprocess.Popen([str(a) for a in argv], env=env, stdout=subprocess.PIPE, stderr=err,
+                                stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=preexec)
+        stdout = proc.stdout.read()
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        done = subprocess.CompletedProcess(argv, proc.returncode, stdout)
     results, summary = [], None
     for line in done.stdout.decode(errors="replace").splitlines():
         if not line.startswith("{"):
@@ -404,11 +419,13 @@ def inprocess_load(mode, emulator, deployment, concurrency, count, seconds, rate
         except json.JSONDecodeError:
             continue
         if record.get("bench") == "request":
-            results.append({k: record[k] for k in ("t", "ms", "status", "attempts")})
+            results.append({k: record[k] for k in ("t", "ms", "status", "attempts", "lag_ms") if k in record})
         elif record.get("bench") == "summary":
             summary = record
     if done.returncode != 0 or summary is None:
         raise RuntimeError(f"bench/inprocess exited with {done.returncode} (see {rel(log)})")
+    if with_cpu:
+        return results, summary["seconds"], summary["peak_rss_kib"], usage.ru_utime + usage.ru_stime
     return results, summary["seconds"], summary["peak_rss_kib"]
 
 
@@ -472,7 +489,8 @@ def watch_start(emulator, tag, scenario):
     # (a process) of its own instead of queueing behind one. Scenarios 2 and 3 send one at a
     # time, which Lambda serves from one warm environment; with several, cargo-lambda would
     # spread them over all, each learning the deployments' state on its own.
-    concurrency = "8" if scenario == 1 else "1"
+    # The load table needs as many as are in flight at its highest rate.
+    concurrency = {1: "8", "load": str(LOAD_ENVIRONMENTS)}.get(scenario, "1")
     argv = ["cargo", "lambda", "watch", "--release", "--ignore-changes",
             "--invoke-address", "127.0.0.1", "--invoke-port", port,
             "--bin", "fallback-chat", "--env-file", env_file, "--concurrency", concurrency]
@@ -569,17 +587,18 @@ def installed_litellm():
 SYSTEMS = [
     System("direct", "direct (Python client)", "direct",
            note="POST to the emulator's Azure route, no gateway: the floor of every HTTP row"),
-    System("direct-rs", "direct (Rust client)", "inprocess-direct",
+    System("direct-rs", "direct (Rust client)", "inprocess-direct", scenarios=(1, 2, 3, "load"),
            note="the same calls from the in-process driver's reqwest client: the floor of the "
                 "in-process row"),
     System("inprocess", "fallback-chat, in-process", "inprocess", floor="direct-rs",
+           scenarios=(1, 2, 3, "load"),
            note="bench/inprocess: the real handler fed API Gateway v2 events, no HTTP front"),
     System("watch", "fallback-chat, cargo lambda watch", "gateway", floor="direct",
-           start=watch_start,
+           start=watch_start, scenarios=(1, 2, 3, "load"),
            note="`cargo lambda watch --release`, buffered, the function's Runtime API loop behind "
                 "cargo-lambda's HTTP front"),
     System("litellm", "LiteLLM proxy, defaults", "gateway", floor="direct",
-           start=litellm_start(retries=True), ready_seconds=180,
+           start=litellm_start(retries=True), ready_seconds=180, scenarios=(1, 2, 3, "load"),
            # With its retries, LiteLLM waits out Retry-After (7 s) and its back-off: seconds per
            # request, asleep. Those rows run alongside the others and save about 2 minutes.
            alongside=(2, 3),
@@ -779,6 +798,80 @@ def scenario1_quota(report):
     finally:
         emulator.stop()
         cgroup.remove()
+
+
+def load_test(report):
+    """The load table: every system at rising open-loop rates against the emulator answering
+    after LOAD_LATENCY_MS, all driven by one generator (bench/inprocess: `--mode direct` is the
+    floor, `--mode app` the handler in the generator's process, `--mode http` the gateways)."""
+    emulator = Emulator("load", {d: "healthy" for d in DEPLOYMENTS}, LOAD_LATENCY_MS)
+    out = report["load"] = {"rates": LOAD_RATES, "seconds": LOAD_SECONDS, "latency_ms": LOAD_LATENCY_MS,
+                            "environments": LOAD_ENVIRONMENTS, "rows": {}}
+    try:
+        for system in systems_for("load"):
+            running = None
+            rows = out["rows"][system.key] = []
+            try:
+                if system.kind == "gateway":
+                    running = start_gateway(system, emulator, "load", "load")
+                    url, headers, _ = gateway_request(running)
+                    # Warm. cargo lambda watch starts an environment (a `cargo run` of its own,
+                    # each waiting for cargo's locks: about a second apiece) when a request finds
+                    # every started one busy; bursts of LOAD_ENVIRONMENTS until all have started
+                    # keep those starts out of the measured runs.
+                    warm = ["--mode", "http", "--url", url,
+                            *[a for k, v in headers.items() for a in ("--header", f"{k}: {v}")]]
+                    until = time.monotonic() + 600
+                    while True:
+                        inprocess_load("http", emulator, "gpt-4o", LOAD_ENVIRONMENTS, LOAD_ENVIRONMENTS * 2,
+                                       120, 0, 0, LOGS / f"load-{system.key}.log", extra=warm)
+                        started = len(running.rss_pids()) if running.rss_pids else LOAD_ENVIRONMENTS
+                        if started >= LOAD_ENVIRONMENTS or time.monotonic() > until:
+                            break
+                    out.setdefault("warm", {})[system.key] = started
+                for rate in LOAD_RATES:
+                    log(f"  load, {rate:g} requests/s for {LOAD_SECONDS:g} s: {system.name}")
+                    row = load_cell(system, emulator, running, rate)
+                    rows.append(row)
+                    log(f"    answered {row['answered']}/{row['n']}, p50 {row['p50']:.2f} ms, "
+                        f"p99 {row['p99']:.2f} ms, {row['cpu_cores']:.2f} cores")
+            except Exception as error:
+                fail(report, system, "the load table", error)
+            finally:
+                if running:
+                    running.stop()
+    finally:
+        emulator.stop()
+
+
+def load_cell(system, emulator, running, rate):
+    mode = {"inprocess-direct": "direct", "inprocess": "app"}.get(system.kind, "http")
+    extra = ["--arrivals", "open", "--timeout", 30]
+    if running:
+        url, headers, _ = gateway_request(running)
+        extra += ["--url", url, *[a for k, v in headers.items() for a in ("--header", f"{k}: {v}")]]
+        cpu0 = group_cpu_seconds(running)
+    mark = emulator.mark()
+    results, elapsed, driver_rss, driver_cpu = inprocess_load(
+        mode, emulator, "gpt-4o", 1, 0, LOAD_SECONDS, rate, 0,
+        LOGS / f"load-{system.key}.log", extra=extra, with_cpu=True)
+    row = summarize(results, elapsed, emulator.calls_since(mark))
+    row["rate"] = rate
+    lags = [r["lag_ms"] for r in results if "lag_ms" in r]
+    row["lag_p99"] = percentile(lags, 0.99)
+    row["lag_max"] = max(lags) if lags else None
+    row["generator_cpu_s"] = round(driver_cpu, 2)
+    if running:
+        # The system's own processes (every one of its group), not the generator's.
+        row["cpu_s"] = round(group_cpu_seconds(running) - cpu0, 2)
+        row["rss"] = group_rss(running)
+    else:
+        # In-process, the system is the driver: the handler and the generator in one process.
+        row["cpu_s"] = row["generator_cpu_s"]
+        row["rss"] = {"max_kib": driver_rss, "sum_kib": driver_rss, "processes": 1}
+    # Over the whole run: the arrivals and then the wait for the last answers.
+    row["cpu_cores"] = row["cpu_s"] / elapsed if elapsed else None
+    return row
 
 
 def fleet(report):
@@ -1113,7 +1206,9 @@ def main():
                         "S2_RATE": S2_RATE, "S3_REQUESTS": S3_REQUESTS, "S3_SECONDS": S3_SECONDS,
                         "COLD_RUNS": COLD_RUNS, "QUOTA_REQUESTS": QUOTA_REQUESTS,
                         "QUOTA_ROUNDS": QUOTA_ROUNDS, "FLEET_ENVIRONMENTS": FLEET_ENVIRONMENTS,
-                        "FLEET_RATE": FLEET_RATE},
+                        "FLEET_RATE": FLEET_RATE, "LOAD_RATES": LOAD_RATES,
+                        "LOAD_SECONDS": LOAD_SECONDS, "LOAD_LATENCY_MS": LOAD_LATENCY_MS,
+                        "LOAD_ENVIRONMENTS": LOAD_ENVIRONMENTS},
               "systems": {s.key: {"name": s.name, "floor": s.floor, "note": s.note,
                                   "scenarios": list(s.scenarios), "alongside": list(s.alongside)}
                           for s in SYSTEMS},
@@ -1151,6 +1246,7 @@ def main():
     phase("scenario 3", scenario_errors, 3, {"gpt-4o": "503", "gpt-35-turbo": "503"},
           "gpt-4o", S3_REQUESTS, S3_SECONDS, S3_SECONDS, 0.0, False)
     phase("fleet", fleet)
+    phase("load", load_test)
     sizes(report)
     # bench/run.sh passes when it started, so the total includes setting up its virtualenv.
     report["total_seconds"] = round(time.time() - float(os.environ.get("BENCH_STARTED") or 0)

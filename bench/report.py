@@ -202,6 +202,58 @@ def quota_section(report, w):
     w("")
 
 
+def load_section(report, w):
+    load = report.get("load")
+    w("## Load: open loop, rising rates")
+    w("")
+    if not load:
+        w(f"Not run: {report.get('phase_errors', {}).get('load', 'see bench/logs/')}")
+        w("")
+        return
+    rows = load["rows"]
+    floor = {r["rate"]: r for r in rows.get("direct-rs", [])}
+    w(f"Every system at {', '.join(f'{r:g}' for r in load['rates'])} requests a second for "
+      f"{load['seconds']:g} s each, `POST /v1/chat/completions` (the gateways' OpenAI route), "
+      f"against the emulator answering every call after a fixed {load['latency_ms']} ms. "
+      "**Open loop**: request i is due at i / rate whatever became of the earlier ones, sent from "
+      "a task of its own, its latency counted from when it was due, so a system that falls behind "
+      "shows it in its latencies and errors instead of quietly slowing the generator down (the "
+      "coordinated omission of closed-loop tools such as wrk, and of this file's other tables). "
+      "The generator is `bench/inprocess --arrivals open`, a Rust driver with the function's own "
+      "HTTP client: one generator for every row, so the rows differ by the system alone, and the "
+      "only one that can also drive the handler in-process with no HTTP front (oha and vegeta "
+      "cannot; neither they nor k6 can be installed here, and wrk is closed-loop). "
+      "*Added* is the row's latency minus the direct floor's at the same rate and percentile. "
+      f"`cargo lambda watch` may start up to {load['environments']} execution environments "
+      "(Lambda gives each request in flight one), warmed first; LiteLLM runs one uvicorn "
+      "worker, as in the other tables. Status 0: no HTTP answer within 30 s. CPU is the "
+      "system's processes' CPU time over the run (the arrivals and the wait for the last answers) "
+      "in cores (1.00 is one core busy); "
+      "in-process that includes the generator, whose own cost the direct row shows. All of it on "
+      "the 2 cores that also run the generator and the emulator: the rates past what a system "
+      "serves show where it saturates on this machine, not on Lambda.")
+    w("")
+    w("| System | rate /s | answered | other outcomes | p50 ms | p99 ms | added p50 ms | added p99 ms | CPU (cores) | peak RSS | generator lag p99 ms |")
+    w("|---|---|---|---|---|---|---|---|---|---|---|")
+    for key, s in report["systems"].items():
+        if key not in rows:
+            continue
+        if not rows[key]:
+            why = reasons(report, key, "the load table")
+            w(f"| {s['name']} | – | – | {'failed: ' + why if why else '–'} | | | | | | | |")
+            continue
+        for r in rows[key]:
+            f = floor.get(r["rate"]) if key != "direct-rs" else None
+            others = ", ".join(f"{n} × {st}" for st, n in sorted(r["statuses"].items()) if st != "200") or "none"
+            rss = r.get("rss") or {}
+            procs = rss.get("processes") or 0
+            memory = mib(rss.get("max_kib")) + (f" (largest of {procs}; {mib(rss.get('sum_kib'))} in all)" if procs > 1 else "")
+            w(f"| {s['name']} | {r['rate']:g} | {r['answered']}/{r['n']} | {others} | {ms(r['p50'])} | "
+              f"{ms(r['p99'])} | {added(r['p50'], f and f['p50'])} | {added(r['p99'], f and f['p99'])} | "
+              f"{r['cpu_cores']:.2f} | {memory} | {ms(r.get('lag_p99'))} |")
+    w("")
+
+
 def fleet_section(report, w):
     f = report.get("fleet")
     w("## Fleet: many execution environments, one memory")
@@ -654,6 +706,7 @@ def write(report):
         w("")
 
     fleet_section(report, w)
+    load_section(report, w)
 
     # Cold start, memory, size
     hello = coldstart_section(report, w)

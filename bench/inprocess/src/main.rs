@@ -11,13 +11,28 @@
 //! `--mode direct`: the same requests sent straight to the Azure OpenAI (emulator) deployment
 //! with a keep-alive `reqwest` client: the floor for the in-process figures.
 //!
+//! `--mode http --url URL [--header 'name: value']...`: the same requests, with the same client,
+//! to any HTTP endpoint (a gateway's `/v1/chat/completions`): so that one generator drives every
+//! row of the load table and the rows differ by the system alone.
+//!
+//! `--arrivals closed` (default): `--concurrency` tasks send back to back (at most `--rate` a
+//! second between them), latency measured from each send. `--arrivals open`: the load table's
+//! open loop: request i is due at `i / rate` seconds whatever became of the earlier ones, each
+//! sent from a task of its own, and its latency counts from when it was due, so a system that
+//! falls behind shows it in its latencies instead of slowing the generator down (no coordinated
+//! omission, the flaw of closed-loop tools such as wrk). `--timeout` (30 s) bounds each request;
+//! one that runs out is reported with status 0. A request line then also carries `lag_ms`, how
+//! late the generator sent it, so that the figures show whether the generator kept up.
+//!
 //! Output, on stdout, JSON lines carrying a `"bench"` key (the function's own EMF metric lines
 //! go to stdout too, as on Lambda, and are skipped by the harness; its logs go to stderr):
 //!   {"bench":"request","t":0.012,"ms":1.234,"status":200,"attempts":1}   one per measured request
+//!   (status 0: no HTTP answer: a refused or reset connection, or `--timeout` ran out)
 //!   {"bench":"summary","requests":N,"seconds":S,"peak_rss_kib":K}        at the end
 //!
-//! Usage: cargo run --release -p inprocess -- [--mode app|direct] [--concurrency 1]
-//!        [--requests 1000] [--seconds 10] [--warmup 20] [--rate 0]
+//! Usage: cargo run --release -p inprocess -- [--mode app|direct|http] [--concurrency 1]
+//!        [--requests 1000] [--seconds 10] [--warmup 20] [--rate 0] [--arrivals closed|open]
+//!        [--timeout 30] [--url URL --header 'name: value' ...]  (http mode)
 //!        [--model gpt-4o] [--client-key KEY]
 //!        [--endpoint URL --deployment NAME --api-key KEY --api-version 2024-10-21]  (direct mode)
 //! App mode reads AZURE_OPENAI_ENDPOINT, AZURE_OPENAI_API_KEY, AZURE_OPENAI_DEPLOYMENTS,
@@ -46,8 +61,13 @@ struct Args {
     requests: usize,
     seconds: f64,
     warmup: usize,
-    /// Requests per second at most (0: back to back).
+    /// Requests per second at most (0: back to back); with open arrivals, exactly.
     rate: f64,
+    arrivals: Arrivals,
+    /// Seconds each request may take before it counts as unanswered.
+    timeout: f64,
+    url: String,
+    headers: Vec<(String, String)>,
     model: String,
     client_key: String,
     endpoint: String,
@@ -60,6 +80,13 @@ struct Args {
 enum Mode {
     App,
     Direct,
+    Http,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Arrivals {
+    Closed,
+    Open,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -71,6 +98,10 @@ fn parse_args() -> Result<Args, String> {
         seconds: 10.0,
         warmup: 20,
         rate: 0.0,
+        arrivals: Arrivals::Closed,
+        timeout: 30.0,
+        url: String::new(),
+        headers: Vec::new(),
         model: "gpt-4o".into(),
         client_key: env("CLIENT_API_KEYS", "")
             .split(',')
@@ -91,8 +122,25 @@ fn parse_args() -> Result<Args, String> {
                 a.mode = match value.as_str() {
                     "app" => Mode::App,
                     "direct" => Mode::Direct,
-                    _ => return Err(format!("--mode: app or direct, not {value:?}")),
+                    "http" => Mode::Http,
+                    _ => return Err(format!("--mode: app, direct or http, not {value:?}")),
                 }
+            }
+            "--arrivals" => {
+                a.arrivals = match value.as_str() {
+                    "closed" => Arrivals::Closed,
+                    "open" => Arrivals::Open,
+                    _ => return Err(format!("--arrivals: closed or open, not {value:?}")),
+                }
+            }
+            "--timeout" => a.timeout = num(&value)?,
+            "--url" => a.url = value,
+            "--header" => {
+                let (name, v) = value
+                    .split_once(':')
+                    .ok_or_else(|| format!("--header: 'name: value', not {value:?}"))?;
+                a.headers
+                    .push((name.trim().to_owned(), v.trim().to_owned()));
             }
             "--concurrency" => a.concurrency = num(&value)?.max(1.0) as usize,
             "--requests" => a.requests = num(&value)? as usize,
@@ -141,10 +189,11 @@ enum Target {
         /// The event text, body and client key filled in once.
         event: Arc<String>,
     },
-    Direct {
+    /// Straight to the deployment (`--mode direct`) or to a gateway (`--mode http`).
+    Http {
         client: reqwest::Client,
         url: Arc<String>,
-        api_key: Arc<String>,
+        headers: Arc<Vec<(String, String)>>,
         body: Arc<String>,
     },
 }
@@ -173,32 +222,36 @@ impl Target {
                     .expect("the handler never fails");
                 Sent::Lambda(serde_json::to_string(&response).expect("response serialises"))
             }
-            Target::Direct {
+            Target::Http {
                 client,
                 url,
-                api_key,
+                headers,
                 body,
             } => {
-                let result = client
+                let mut request = client
                     .post(url.as_str())
-                    .header("api-key", api_key.as_str())
                     .header("content-type", "application/json")
-                    .body(body.as_str().to_owned())
-                    .send()
-                    .await;
-                match result {
-                    Ok(response) => {
-                        let status = response.status().as_u16();
-                        let _ = response.bytes().await;
-                        Sent::Direct(Outcome {
-                            status,
-                            attempts: None,
-                        })
-                    }
-                    Err(_) => Sent::Direct(Outcome {
-                        status: 0,
-                        attempts: None,
-                    }),
+                    .body(body.as_str().to_owned());
+                for (name, value) in headers.iter() {
+                    request = request.header(name, value);
+                }
+                let unanswered = Outcome {
+                    status: 0,
+                    attempts: None,
+                };
+                let Ok(response) = request.send().await else {
+                    return Sent::Direct(unanswered);
+                };
+                let status = response.status().as_u16();
+                let attempts = response
+                    .headers()
+                    .get("x-fallback-attempts")
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.parse().ok());
+                // An answer counts once it has all arrived.
+                match response.bytes().await {
+                    Ok(_) => Sent::Direct(Outcome { status, attempts }),
+                    Err(_) => Sent::Direct(unanswered),
                 }
             }
         }
@@ -252,7 +305,7 @@ async fn load(
     count: usize,
     seconds: f64,
     rate: f64,
-) -> (Vec<(Duration, Duration, Outcome)>, Duration) {
+) -> (Vec<Record>, Duration) {
     let started = Instant::now();
     let deadline = started + Duration::from_secs_f64(seconds.max(0.0));
     let next = Arc::new(AtomicUsize::new(0));
@@ -277,7 +330,12 @@ async fn load(
                 let t0 = Instant::now();
                 let sent = target.send().await;
                 let latency = t0.elapsed();
-                out.push((t0 - started, latency, sent.outcome()));
+                out.push(Record {
+                    t: t0 - started,
+                    latency,
+                    lag: None,
+                    outcome: sent.outcome(),
+                });
             }
             out
         }));
@@ -286,7 +344,57 @@ async fn load(
     for task in tasks {
         all.extend(task.await.expect("load task"));
     }
-    all.sort_by_key(|(t, _, _)| *t);
+    all.sort_by_key(|r| r.t);
+    (all, started.elapsed())
+}
+
+/// One measured request: when it was due (offset from the start), its latency, how late the
+/// generator sent it (open loop only) and what it came to.
+struct Record {
+    t: Duration,
+    latency: Duration,
+    lag: Option<Duration>,
+    outcome: Outcome,
+}
+
+/// The open loop: request i is due at `started + i / rate` until `seconds` pass, each sent from
+/// a task of its own as soon as it is due, however many are still in flight; its latency
+/// counts from when it was due (so a generator that fell behind is charged to the system, and
+/// shows in `lag`), and a request still unanswered after `timeout` counts as status 0.
+async fn open_load(
+    target: &Target,
+    rate: f64,
+    seconds: f64,
+    timeout: Duration,
+) -> (Vec<Record>, Duration) {
+    let started = Instant::now();
+    let count = (rate * seconds).floor() as usize;
+    let mut tasks = Vec::with_capacity(count);
+    for i in 0..count {
+        let due = started + Duration::from_secs_f64(i as f64 / rate);
+        tokio::time::sleep_until(due.into()).await;
+        let target = target.clone();
+        tasks.push(tokio::spawn(async move {
+            let sent_at = Instant::now();
+            let outcome = match tokio::time::timeout(timeout, target.send()).await {
+                Ok(sent) => sent.outcome(),
+                Err(_) => Outcome {
+                    status: 0,
+                    attempts: None,
+                },
+            };
+            Record {
+                t: due - started,
+                latency: due.elapsed(),
+                lag: Some(sent_at - due),
+                outcome,
+            }
+        }));
+    }
+    let mut all = Vec::with_capacity(count);
+    for task in tasks {
+        all.push(task.await.expect("load task"));
+    }
     (all, started.elapsed())
 }
 
@@ -341,44 +449,66 @@ async fn run(args: Args) -> std::process::ExitCode {
                 event: Arc::new(event.to_string()),
             }
         }
-        Mode::Direct => Target::Direct {
-            // The function's own client (HTTP/1.1, rustls, same pool settings): the floor differs
-            // from the function by the handler alone.
-            client: Http::new(&ExtraRoots::default())
+        // The function's own client (HTTP/1.1, rustls, same pool settings): the floor differs
+        // from the function by the handler alone, and every gateway is driven by it too.
+        Mode::Direct | Mode::Http => {
+            let client = Http::new(&ExtraRoots::default())
                 .expect("an HTTP client")
                 .client()
-                .clone(),
-            url: Arc::new(format!(
-                "{}/openai/deployments/{}/chat/completions?api-version={}",
-                args.endpoint.trim_end_matches('/'),
-                args.deployment,
-                args.api_version
-            )),
-            api_key: Arc::new(args.api_key.clone()),
-            body: Arc::new(body),
-        },
+                .clone();
+            let (url, headers) = if args.mode == Mode::Http {
+                (args.url.clone(), args.headers.clone())
+            } else {
+                let url = format!(
+                    "{}/openai/deployments/{}/chat/completions?api-version={}",
+                    args.endpoint.trim_end_matches('/'),
+                    args.deployment,
+                    args.api_version
+                );
+                (url, vec![("api-key".to_owned(), args.api_key.clone())])
+            };
+            Target::Http {
+                client,
+                url: Arc::new(url),
+                headers: Arc::new(headers),
+                body: Arc::new(body),
+            }
+        }
     };
 
+    if args.arrivals == Arrivals::Open && args.rate <= 0.0 {
+        eprintln!("inprocess: --arrivals open needs a --rate");
+        return std::process::ExitCode::from(2);
+    }
+    let timeout = Duration::from_secs_f64(args.timeout.max(0.001));
     if args.warmup > 0 {
         let _ = load(&target, args.concurrency, args.warmup, 60.0, 0.0).await;
     }
-    let (results, elapsed) = load(
-        &target,
-        args.concurrency,
-        args.requests,
-        args.seconds,
-        args.rate,
-    )
-    .await;
+    let (results, elapsed) = match args.arrivals {
+        Arrivals::Open => open_load(&target, args.rate, args.seconds, timeout).await,
+        Arrivals::Closed => {
+            load(
+                &target,
+                args.concurrency,
+                args.requests,
+                args.seconds,
+                args.rate,
+            )
+            .await
+        }
+    };
     let mut out = String::new();
-    for (t, latency, outcome) in &results {
-        let line = json!({
+    for r in &results {
+        let mut line = json!({
             "bench": "request",
-            "t": t.as_secs_f64(),
-            "ms": latency.as_secs_f64() * 1000.0,
-            "status": outcome.status,
-            "attempts": outcome.attempts,
+            "t": r.t.as_secs_f64(),
+            "ms": r.latency.as_secs_f64() * 1000.0,
+            "status": r.outcome.status,
+            "attempts": r.outcome.attempts,
         });
+        if let Some(lag) = r.lag {
+            line["lag_ms"] = json!(lag.as_secs_f64() * 1000.0);
+        }
         out.push_str(&line.to_string());
         out.push('\n');
     }
