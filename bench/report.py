@@ -226,7 +226,9 @@ def load_section(report, w):
       "*Added* is the row's latency minus the direct floor's at the same rate and percentile. "
       f"`cargo lambda watch` may start up to {load['environments']} execution environments "
       "(Lambda gives each request in flight one), warmed first; LiteLLM runs one uvicorn "
-      "worker, as in the other tables. Status 0: no HTTP answer within 30 s. CPU is the "
+      "worker, as in the other tables. Status 0: no HTTP answer: none within 30 s, or no "
+      "connection accepted within 3 s (the client's connect timeout: a LiteLLM median of 3.00 s "
+      "is a backlog that accepts no more). CPU is the "
       "system's processes' CPU time over the run (the arrivals and the wait for the last answers) "
       "in cores (1.00 is one core busy); "
       "in-process that includes the generator, whose own cost the direct row shows. All of it on "
@@ -252,6 +254,37 @@ def load_section(report, w):
               f"{ms(r['p99'])} | {added(r['p50'], f and f['p50'])} | {added(r['p99'], f and f['p99'])} | "
               f"{r['cpu_cores']:.2f} | {memory} | {ms(r.get('lag_p99'))} |")
     w("")
+    said = []
+    inproc = rows.get("inprocess") or []
+    if inproc:
+        top = inproc[-1]
+        f = floor.get(top["rate"])
+        said.append(f"In-process, the handler answers all {top['n']:,} requests at {top['rate']:g} a second "
+                    f"and adds {added(top['p50'], f and f['p50'])} ms at p50 and "
+                    f"{added(top['p99'], f and f['p99'])} ms at p99 over direct calls, on "
+                    f"{top['cpu_cores']:.2f} cores with the generator.")
+    watch = rows.get("watch") or []
+    held = [r for r in watch if r["answered"] == r["n"]]
+    broke = next((r for r in watch if r["answered"] < r["n"] / 2), None)
+    if held and broke:
+        said.append(
+            f"Under `cargo lambda watch` every request is answered up to {held[-1]['rate']:g} a second; "
+            f"at {broke['rate']:g} it stops answering: the emulator sees no call after the first "
+            f"second, the functions sit idle ({broke['cpu_cores']:.2f} cores) and the requests wait "
+            f"out 30 s, although {load['environments']} environments at {load['latency_ms']} ms could "
+            "carry more and the same handler carries every rate in-process. That is cargo-lambda's "
+            f"local Runtime API ({report.get('machine', {}).get('cargo_lambda', 'cargo-lambda')} here) "
+            "ceasing to hand out invocations, not the function; on AWS the function sits "
+            "behind Lambda's own, so use the in-process rows for the function's cost, and "
+            "`cargo lambda watch` for behaviour, not for load beyond a few hundred requests a second.")
+    lite = rows.get("litellm") or []
+    if lite:
+        first = lite[0]
+        said.append(f"LiteLLM's proxy (one worker) is already past what it serves at {first['rate']:g} a second "
+                    f"on this machine: p50 {ms(first['p50'])}, p99 {ms(first['p99'])}, one core busy.")
+    if said:
+        w(" ".join(said))
+        w("")
 
 
 def fleet_section(report, w):
@@ -312,7 +345,10 @@ def fleet_section(report, w):
       "GetItem in single-digit milliseconds in-region (TLS connection kept open). At most one "
       "read per `HEALTH_REFRESH_MS` (1 s) per environment, never longer than "
       "`HEALTH_TIMEOUT_MS` (50 ms): at 2 requests a second per environment, about every other "
-      "request reads; at 20, one in twenty.")
+      "request reads; at 20, one in twenty"
+      + (f"; with a request always in flight, as in (a) (about {per_env:,.0f} a second per "
+         f"environment), one in {per_env:,.0f}." if (per_env := t["shared"]["requests"] / max(
+             1, t["windows"] * t["retry_after_s"] * f["environments"])) > 20 else "."))
     w("")
 
 
@@ -594,7 +630,8 @@ def write(report):
       "driven by one Python load generator and compared with direct calls from it; the in-process "
       "row (the real handler fed API Gateway events, as the Lambda runtime feeds it, without any "
       "HTTP front) is driven by a Rust driver and compared with direct calls from that driver's "
-      "`reqwest` client. Load generator, gateway and emulator share the machine's "
+      "`reqwest` client; the load table's rows all by that driver's open loop. Load generator, "
+      "gateway and emulator share the machine's "
       f"{m['nproc']} cores, so at concurrency 8 the figures include their contention. *Upstream calls* "
       "are counted from the emulator's own log (one line per call it received). Cold start, memory "
       "and size are compared with a hello-world `lambda_http` function (`bench/hello/`) built "
@@ -771,13 +808,17 @@ def write(report):
       "--release --arm64`. Logs of every process are in `bench/logs/`. Knobs, as "
       "environment variables: `BENCH_S1_SECONDS`, `BENCH_S2_SECONDS`, `BENCH_S2_FLOOR_SECONDS`, "
       "`BENCH_S2_RATE`, `BENCH_S3_REQUESTS`, `BENCH_S3_SECONDS`, `BENCH_COLD_RUNS`, "
-      "`BENCH_FLEET_ENVIRONMENTS`, `BENCH_FLEET_RATE`, "
+      "`BENCH_FLEET_ENVIRONMENTS`, `BENCH_FLEET_RATE`, `BENCH_LOAD_RATES=100,500,1000,2000`, "
+      "`BENCH_LOAD_SECONDS`, `BENCH_LOAD_LATENCY_MS`, `BENCH_LOAD_ENVIRONMENTS`, "
       "`BENCH_SKIP_ARM64=1`, `BENCH_SYSTEMS=direct,watch,...` (rows to run). Pieces alone:")
     w("")
     w("```sh")
     w("target/bench-fixture/azure-openai-emulator --port 8080 --deployment gpt-4o=throttled:7 --deployment gpt-35-turbo=healthy &")
     w("AZURE_OPENAI_ENDPOINT=http://127.0.0.1:8080 AZURE_OPENAI_API_KEY=emulator-key \\")
     w("  CLIENT_API_KEYS=fc-bench-client-key-0000 target/release/inprocess --concurrency 1 --seconds 10")
+    w("# open loop, 1000 requests a second for 15 s, to any OpenAI-compatible gateway (here `CLIENT_API_KEYS=fc-example-client-key-0000 make run`)")
+    w("target/release/inprocess --mode http --arrivals open --rate 1000 --seconds 15 \\")
+    w("  --url http://127.0.0.1:9000/v1/chat/completions --header 'authorization: Bearer fc-example-client-key-0000'")
     w("python3 bench/coldstart.py target/release/fallback-chat 20 AZURE_OPENAI_ENDPOINT=http://127.0.0.1:8080 \\")
     w("  AZURE_OPENAI_API_KEY=emulator-key CLIENT_API_KEYS=fc-example-client-key-0000")
     w("# cold start under the 128 MB CPU share (a cgroup of its own: root, or write access to /sys/fs/cgroup)")
