@@ -202,13 +202,20 @@ def quota_section(report, w):
     w("")
 
 
-def load_section(report, w):
-    load = report.get("load")
-    w("## Load: open loop, rising rates")
+def section(report, w, phase, title, logs):
+    """A section's heading, and its phase's results, or None after saying why it did not run."""
+    w(f"## {title}")
     w("")
-    if not load:
-        w(f"Not run: {report.get('phase_errors', {}).get('load', 'see bench/logs/')}")
+    results = report.get(phase)
+    if not results:
+        w(f"Not run: {report.get('phase_errors', {}).get(phase, f'see {logs}')}")
         w("")
+    return results
+
+
+def load_section(report, w):
+    load = section(report, w, "load", "Load: open loop, rising rates", "bench/logs/")
+    if not load:
         return
     rows = load["rows"]
     floor = {r["rate"]: r for r in rows.get("direct-rs", [])}
@@ -288,12 +295,8 @@ def load_section(report, w):
 
 
 def fleet_section(report, w):
-    f = report.get("fleet")
-    w("## Fleet: many execution environments, one memory")
-    w("")
+    f = section(report, w, "fleet", "Fleet: many execution environments, one memory", "bench/logs/fleet.log")
     if not f:
-        w(f"Not run: {report.get('phase_errors', {}).get('fleet', 'see bench/logs/fleet.log')}")
-        w("")
         return
     t, h, r = f["throttle"], f["hang"], f["table_reads"]
     w(f"{f['environments']} execution environments of fallback-chat (`bench/fleet`: in-process "
