@@ -166,17 +166,17 @@ struct Outcome {
 }
 
 /// What a send returns before the clock is read: the serialised Lambda response (read back
-/// after the clock stopped), or the outcome of a direct call.
+/// after the clock stopped), or the outcome of an HTTP call (to the deployment or a gateway).
 enum Sent {
     Lambda(String),
-    Direct(Outcome),
+    Http(Outcome),
 }
 
 impl Sent {
     fn outcome(self) -> Outcome {
         match self {
             Sent::Lambda(raw) => parse_outcome(&raw),
-            Sent::Direct(outcome) => outcome,
+            Sent::Http(outcome) => outcome,
         }
     }
 }
@@ -240,7 +240,7 @@ impl Target {
                     attempts: None,
                 };
                 let Ok(response) = request.send().await else {
-                    return Sent::Direct(unanswered);
+                    return Sent::Http(unanswered);
                 };
                 let status = response.status().as_u16();
                 let attempts = response
@@ -250,8 +250,8 @@ impl Target {
                     .and_then(|v| v.parse().ok());
                 // An answer counts once it has all arrived.
                 match response.bytes().await {
-                    Ok(_) => Sent::Direct(Outcome { status, attempts }),
-                    Err(_) => Sent::Direct(unanswered),
+                    Ok(_) => Sent::Http(Outcome { status, attempts }),
+                    Err(_) => Sent::Http(unanswered),
                 }
             }
         }
