@@ -633,6 +633,12 @@ def start_gateway(system, emulator, tag, scenario):
     return running
 
 
+def gateway_args(running):
+    """bench/inprocess's options that send its requests to a gateway's OpenAI route."""
+    url, headers, _ = gateway_request(running)
+    return ["--url", url, *[a for k, v in headers.items() for a in ("--header", f"{k}: {v}")]]
+
+
 def gateway_request(running):
     return (running.base_url + "/v1/chat/completions",
             {"authorization": f"Bearer {running.key}"}, BODY)
@@ -814,13 +820,11 @@ def load_test(report):
             try:
                 if system.kind == "gateway":
                     running = start_gateway(system, emulator, "load", "load")
-                    url, headers, _ = gateway_request(running)
                     # Warm. cargo lambda watch starts an environment (a `cargo run` of its own,
                     # each waiting for cargo's locks: about a second apiece) when a request finds
                     # every started one busy; bursts of LOAD_ENVIRONMENTS until all have started
                     # keep those starts out of the measured runs.
-                    warm = ["--mode", "http", "--url", url,
-                            *[a for k, v in headers.items() for a in ("--header", f"{k}: {v}")]]
+                    warm = gateway_args(running)
                     until = time.monotonic() + 600
                     while True:
                         inprocess_load("http", emulator, "gpt-4o", LOAD_ENVIRONMENTS, LOAD_ENVIRONMENTS * 2,
@@ -848,8 +852,7 @@ def load_cell(system, emulator, running, rate):
     mode = {"inprocess-direct": "direct", "inprocess": "app"}.get(system.kind, "http")
     extra = ["--arrivals", "open", "--timeout", 30]
     if running:
-        url, headers, _ = gateway_request(running)
-        extra += ["--url", url, *[a for k, v in headers.items() for a in ("--header", f"{k}: {v}")]]
+        extra += gateway_args(running)
         cpu0 = group_cpu_seconds(running)
     mark = emulator.mark()
     results, elapsed, driver_rss, driver_cpu = inprocess_load(
