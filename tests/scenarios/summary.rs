@@ -1,7 +1,7 @@
 //! Each request's summary log line, on every path, with the real clock: its latency counts from
 //! the moment the request came, so a deployment that takes 80 ms shows at least 80 ms.
 
-mod common;
+use crate::common;
 
 use std::sync::Arc;
 use std::time::Duration;

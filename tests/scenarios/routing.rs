@@ -1,7 +1,7 @@
 //! A pool over two Azure resources ("east" and "west"), two deployments each, through the real
 //! handler: priority spill-over, weights, circuit breaking, Retry-After extension, budgets.
 
-mod common;
+use crate::common;
 
 use std::time::{Duration, Instant};
 

@@ -3,7 +3,7 @@
 //! learns, the others know by their next read; one probe and one trial for the whole fleet; a
 //! slow or missing table costs at most its time limit.
 
-mod common;
+use crate::common;
 
 use std::collections::HashMap;
 use std::sync::Arc;

@@ -2,7 +2,7 @@
 //! once, with no gap and no repetition; what cannot be rescued ends with the honest error that
 //! names the original failure. And a refusal is never routed around.
 
-mod common;
+use crate::common;
 
 use std::time::{Duration, Instant};
 

@@ -1,7 +1,7 @@
 //! HTTPS upstreams, as real Azure is: the emulator serves TLS with a test CA it generates, and
 //! the function trusts that CA only when `EXTRA_CA_CERTS` names it, on top of the public roots.
 
-mod common;
+use crate::common;
 
 use std::path::PathBuf;
 

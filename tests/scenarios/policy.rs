@@ -1,6 +1,6 @@
 //! Invariants of the routing policy, checked over random pools, health histories and budgets.
 
-mod common;
+use crate::common;
 
 use std::time::{Duration, Instant};
 

@@ -1,6 +1,6 @@
 //! Closed by default: client keys, checked before anything costs quota.
 
-mod common;
+use crate::common;
 
 use std::process::Command;
 

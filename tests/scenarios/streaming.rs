@@ -1,7 +1,7 @@
 //! Streamed chat completions through the real handler: failover before the first content,
 //! and after it, never a cut or stalled stream passed off as a finished answer.
 
-mod common;
+use crate::common;
 
 use std::time::{Duration, Instant};
 

@@ -1,6 +1,6 @@
 //! The OpenAI-compatible routes, buffered: what an existing OpenAI or Azure OpenAI client sees.
 
-mod common;
+use crate::common;
 
 use common::{Behavior, Emulator, Harness, RetryAfter, event};
 use serde_json::{Value, json};

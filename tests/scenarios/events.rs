@@ -1,6 +1,6 @@
 //! Every payload in events/ through the real handler, for each event source.
 
-mod common;
+use crate::common;
 
 use common::{Harness, event};
 

@@ -7,7 +7,7 @@ use std::net::TcpListener;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-mod common;
+use crate::common;
 
 use aws_config::{BehaviorVersion, Region, SdkConfig};
 use aws_sdk_secretsmanager::config::Credentials;
@@ -323,7 +323,7 @@ async fn a_request_is_served_end_to_end_with_the_azure_and_client_keys_from_secr
     let app = Arc::new(App::new(served).expect("the app builds"));
     let ask = |authorization: Option<&str>| {
         let mut event: serde_json::Value =
-            serde_json::from_str(include_str!("../events/http-api/get-query.json")).unwrap();
+            serde_json::from_str(include_str!("../../events/http-api/get-query.json")).unwrap();
         match authorization {
             Some(value) => event["headers"]["authorization"] = serde_json::Value::from(value),
             None => {

@@ -1,6 +1,6 @@
 //! What a chatbot front end notices when deployments throttle, fail or hang.
 
-mod common;
+use crate::common;
 
 use std::time::{Duration, Instant};
 
