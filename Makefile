@@ -6,7 +6,7 @@ VENV_BIN := $(abspath $(VENV))/bin
 export PATH := $(VENV_BIN):$(PATH)
 export SAM_CLI_TELEMETRY := 0
 
-.PHONY: run test checks foreground-checks sam-build-niced unit lint deny e2e template template-check emulator bench soak fuzz clean
+.PHONY: run test checks unit lint deny e2e template emulator bench soak fuzz clean
 
 ## Start the function under `cargo lambda watch` on 127.0.0.1:9000 (emulated Azure unless configured).
 run: $(VENV)/.pip
@@ -20,24 +20,7 @@ test:
 	@$(MAKE) --no-print-directory -j3 lint $(VENV)/.pip $(CARGO_DENY)
 	@$(MAKE) --no-print-directory checks
 
-# The arm64 `sam build` compiles a second, cross-compiled copy of the function (about 150 s
-# on 2 cores). It runs niced alongside the tests and end-to-end scripts, which mostly wait on
-# timers, sockets and moto, so it takes the CPU they leave idle and yields at once when they
-# want it; in its own target directory, as cargo locks one while it builds. Its log follows
-# when it ends, and its failure fails `make test` like any other check.
-checks: deny
-	@$(MAKE) --no-print-directory -j2 sam-build-niced foreground-checks
-
-# In order, and without make's jobserver: cargo then uses both cores, as it does alone.
-foreground-checks:
-	@MAKEFLAGS= $(MAKE) --no-print-directory $(MAKEOVERRIDES) unit e2e template-check
-
-SAM_LOG := target/sam-build.log
-sam-build-niced: $(VENV)/.pip
-	@mkdir -p target && echo "sam build (arm64, niced, in the background: its log follows when it ends)"
-	@rc=0; env -u MAKEFLAGS -u MFLAGS CARGO_TARGET_DIR=$(abspath target/sam) \
-	  SAM_BUILD_MODE=$(SAM_BUILD_MODE) nice -n 19 sam build --parallel > $(SAM_LOG) 2>&1 || rc=$$?; \
-	  echo "---- sam build (rc=$$rc)"; cat $(SAM_LOG); exit $$rc
+checks: deny unit e2e template
 
 lint:
 	cargo fmt --all -- --check
@@ -60,11 +43,9 @@ e2e: $(VENV)/.pip
 # the same build path in a minute instead of the release profile's four (LTO, one codegen unit);
 # `make bench` builds the release arm64 binary. SAM_BUILD_MODE= (empty) builds release.
 SAM_BUILD_MODE ?= debug
-template: template-check
-	SAM_BUILD_MODE=$(SAM_BUILD_MODE) sam build --parallel
-
-template-check: $(VENV)/.pip
+template: $(VENV)/.pip
 	scripts/check-template.sh
+	SAM_BUILD_MODE=$(SAM_BUILD_MODE) sam build --parallel
 
 ## Side-by-side benchmarks (direct, in-process, cargo lambda watch, LiteLLM): writes BENCHMARKS.md.
 bench:
