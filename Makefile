@@ -6,7 +6,7 @@ VENV_BIN := $(abspath $(VENV))/bin
 export PATH := $(VENV_BIN):$(PATH)
 export SAM_CLI_TELEMETRY := 0
 
-.PHONY: run test checks unit lint deny e2e template emulator bench soak fuzz clean
+.PHONY: run test checks in-order build unit lint deny e2e template emulator bench soak fuzz clean
 
 ## Start the function under `cargo lambda watch` on 127.0.0.1:9000 (emulated Azure unless configured).
 run: $(VENV)/.pip
@@ -14,13 +14,26 @@ run: $(VENV)/.pip
 
 ## Everything CI runs: formatting, clippy, supply chain (cargo-deny), unit and scenario tests,
 ## end-to-end, template checks.
-# The Python tools install (mostly downloads) and cargo-deny compiles while clippy runs; the
-# rest runs in order.
+# clippy lints the workspace while `cargo test` builds it: clippy-driver as the workspace's
+# compiler wrapper, as `cargo clippy` runs it but under a real build instead of `cargo check`, so
+# the dependencies are compiled once (for the tests, the e2e scripts' `cargo lambda watch` and the
+# host side of `sam build`) instead of once checked for clippy and once built: about three
+# minutes less on two cores (measured). CLIPPY_ARGS is how cargo-clippy passes `-- -D warnings`.
+# `make lint` alone is the plain `cargo clippy`.
+test: export RUSTC_WORKSPACE_WRAPPER := $(shell rustc --print sysroot)/bin/clippy-driver
+test: export CLIPPY_ARGS := -D__CLIPPY_HACKERY__warnings__CLIPPY_HACKERY__
 test:
-	@$(MAKE) --no-print-directory -j3 lint $(VENV)/.pip $(CARGO_DENY)
-	@$(MAKE) --no-print-directory checks
+	cargo fmt --all -- --check
+	@$(MAKE) --no-print-directory -j3 checks
 
-checks: deny unit e2e template
+# The Python tools install (mostly downloads) and cargo-deny compiles (niced: it takes the CPU
+# the tests leave idle) while the tests build; the tests, end-to-end and template checks run in
+# that order, one at a time, as their timings want the machine.
+checks: deny in-order
+in-order: build $(VENV)/.pip
+	@$(MAKE) --no-print-directory -j1 unit e2e template
+build:
+	cargo test --workspace --all-targets --no-run
 
 lint:
 	cargo fmt --all -- --check
@@ -45,7 +58,7 @@ e2e: $(VENV)/.pip
 SAM_BUILD_MODE ?= debug
 template: $(VENV)/.pip
 	scripts/check-template.sh
-	SAM_BUILD_MODE=$(SAM_BUILD_MODE) sam build --parallel
+	env -u RUSTC_WORKSPACE_WRAPPER -u CLIPPY_ARGS SAM_BUILD_MODE=$(SAM_BUILD_MODE) sam build --parallel
 
 ## Side-by-side benchmarks (direct, in-process, cargo lambda watch, LiteLLM): writes BENCHMARKS.md.
 bench:
@@ -79,7 +92,7 @@ $(VENV)/.pip: requirements-dev.txt Makefile
 $(CARGO_DENY):
 	@mkdir -p $(VENV)
 	@$(VENV_BIN)/cargo-deny --version 2>/dev/null | grep -qx 'cargo-deny $(CARGO_DENY_VERSION)' \
-	  || CARGO_PROFILE_DEV_DEBUG=false cargo install --quiet --locked --debug --root $(abspath $(VENV)) \
+	  || CARGO_PROFILE_DEV_DEBUG=false nice -n 19 cargo install --quiet --locked --debug --root $(abspath $(VENV)) \
 	       cargo-deny@$(CARGO_DENY_VERSION)
 	@touch $@
 
