@@ -92,6 +92,16 @@ pub struct Quota {
     pub remaining_tokens: Option<u64>,
 }
 
+/// A whole answer passed through exactly as the deployment sent it (embeddings, a response):
+/// its bytes, and the tokens it used.
+#[derive(Debug, Clone)]
+pub struct Document {
+    /// The body exactly as the deployment sent it.
+    pub raw: Bytes,
+    /// `usage.total_tokens`, when the answer says.
+    pub tokens: Option<u64>,
+}
+
 /// A successful chat completion, with the raw body kept for callers that pass it through.
 #[derive(Debug)]
 pub struct Completion {

@@ -32,6 +32,32 @@ pub struct Deployment {
     pub weight: f64,
     /// Context window in tokens, when known: steers requests that were too long elsewhere.
     pub context_window: Option<u32>,
+    /// What the deployment's model does.
+    pub serves: Serves,
+}
+
+/// What a deployment's model does: generate (chat completions and the Responses API), or embed.
+/// A route's members all serve the same, so that failing over never changes what kind of answer
+/// (or which vector space) the caller gets.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum Serves {
+    #[default]
+    Generation,
+    /// Embeddings of `model` with `dimensions` numbers per vector: deployments fail over to
+    /// each other only when both agree, since vectors of different models are not comparable.
+    Embeddings { model: String, dimensions: u32 },
+}
+
+impl Serves {
+    /// As error messages name it.
+    pub fn describe(&self) -> String {
+        match self {
+            Serves::Generation => "chat completions and responses".into(),
+            Serves::Embeddings { model, dimensions } => {
+                format!("embeddings ({model}, {dimensions} dimensions)")
+            }
+        }
+    }
 }
 
 impl Deployment {
@@ -64,6 +90,8 @@ pub struct Route {
     pub name: String,
     /// Indexes into [`Pool::deployments`].
     pub members: Vec<usize>,
+    /// What every member serves (the configuration checks they agree).
+    pub serves: Serves,
 }
 
 #[derive(Debug, Clone)]

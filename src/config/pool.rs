@@ -8,7 +8,7 @@ use serde::Deserialize;
 use url::Url;
 
 use crate::error::ConfigError;
-use crate::pool::{ApiStyle, Deployment, Pool, Route};
+use crate::pool::{ApiStyle, Deployment, Pool, Route, Serves};
 use crate::secret::Secret;
 
 /// Defaults the pool's entries inherit from the simple variables.
@@ -30,6 +30,16 @@ struct EntrySpec {
     priority: Option<u32>,
     weight: Option<f64>,
     context_window: Option<u32>,
+    embeddings: Option<EmbeddingsSpec>,
+}
+
+/// An embeddings deployment's model and vector size: `{"model": "text-embedding-3-small",
+/// "dimensions": 1536}`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EmbeddingsSpec {
+    model: String,
+    dimensions: u32,
 }
 
 #[derive(Deserialize)]
@@ -127,6 +137,25 @@ pub fn parse(
                 "must be a positive number of tokens".into(),
             ));
         }
+        let serves = match entry.embeddings {
+            None => Serves::Generation,
+            Some(e) if e.model.trim().is_empty() => {
+                return Err(at(
+                    "embeddings.model",
+                    "must name the embedding model".into(),
+                ));
+            }
+            Some(e) if e.dimensions == 0 => {
+                return Err(at(
+                    "embeddings.dimensions",
+                    "must be the positive number of dimensions its vectors have".into(),
+                ));
+            }
+            Some(e) => Serves::Embeddings {
+                model: e.model.trim().to_owned(),
+                dimensions: e.dimensions,
+            },
+        };
         deployments.push(Deployment {
             id: entry.id.unwrap_or_else(|| entry.deployment.clone()),
             endpoint,
@@ -137,6 +166,7 @@ pub fn parse(
             priority: entry.priority.unwrap_or(0),
             weight,
             context_window: entry.context_window,
+            serves,
         });
     }
 
@@ -153,9 +183,20 @@ pub fn parse(
     let mut routes = Vec::new();
     let open_routes = spec.routes.is_empty();
     if open_routes {
+        let members: Vec<usize> = (0..deployments.len()).collect();
+        let serves = agreed(&deployments, &members).map_err(|(a, b)| {
+            invalid(format!(
+                "deployments {:?} and {:?} serve different things ({} and {}): name \"routes\" that keep them apart",
+                deployments[a].id,
+                deployments[b].id,
+                deployments[a].serves.describe(),
+                deployments[b].serves.describe(),
+            ))
+        })?;
         routes.push(Route {
             name: "default".into(),
-            members: (0..deployments.len()).collect(),
+            members,
+            serves,
         });
     }
     for (name, ids) in &spec.routes {
@@ -172,9 +213,19 @@ pub fn parse(
                 })
             })
             .collect::<Result<Vec<_>, _>>()?;
+        let serves = agreed(&deployments, &members).map_err(|(a, b)| {
+            invalid(format!(
+                "routes.{name} mixes {:?}, which serves {}, with {:?}, which serves {}: a route fails over only between deployments that give the same kind of answer (embeddings: the same model and dimensions)",
+                deployments[a].id,
+                deployments[a].serves.describe(),
+                deployments[b].id,
+                deployments[b].serves.describe(),
+            ))
+        })?;
         routes.push(Route {
             name: name.clone(),
             members,
+            serves,
         });
     }
     let default_route = match &spec.default_route {
@@ -194,12 +245,29 @@ pub fn parse(
             })?,
     };
 
+    if routes[default_route].serves != Serves::Generation {
+        return Err(invalid(format!(
+            "the default route {:?} serves embeddings; GET /?query= needs a chat route: set \"default_route\"",
+            routes[default_route].name
+        )));
+    }
+
     Ok(Pool {
         deployments,
         routes,
         default_route,
         open_routes,
     })
+}
+
+/// What every member of a route serves, or the first two that disagree.
+fn agreed(deployments: &[Deployment], members: &[usize]) -> Result<Serves, (usize, usize)> {
+    let first = members[0];
+    let serves = &deployments[first].serves;
+    match members.iter().find(|&&i| &deployments[i].serves != serves) {
+        Some(&other) => Err((first, other)),
+        None => Ok(serves.clone()),
+    }
 }
 
 /// The simple variables' pool: one endpoint, the deployments tried strictly in the given order.
@@ -219,6 +287,7 @@ pub fn ordered(endpoint: String, key: Secret, names: Vec<String>, api_version: &
             priority: i as u32,
             weight: 1.0,
             context_window: None,
+            serves: Serves::Generation,
         })
         .collect::<Vec<_>>();
     let members = (0..deployments.len()).collect();
@@ -227,6 +296,7 @@ pub fn ordered(endpoint: String, key: Secret, names: Vec<String>, api_version: &
         routes: vec![Route {
             name: "default".into(),
             members,
+            serves: Serves::Generation,
         }],
         default_route: 0,
         open_routes: true,

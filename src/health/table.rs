@@ -628,6 +628,7 @@ mod tests {
             priority: 0,
             weight: 1.0,
             context_window: None,
+            serves: Default::default(),
         }]
     }
 

@@ -4,6 +4,7 @@
 mod app;
 mod ask;
 pub(crate) mod auth;
+mod embeddings;
 pub(crate) mod event;
 pub(crate) mod fuzz;
 mod openai;
@@ -34,26 +35,50 @@ const MAX_LAMBDA_RUNTIME: Duration = Duration::from_secs(15 * 60);
 enum Endpoint<'a> {
     /// `GET /?query=`: the original chatbot's interface.
     Ask,
-    /// `POST /v1/chat/completions`: OpenAI clients.
-    OpenAi,
-    /// `POST /openai/deployments/{route}/chat/completions`: Azure OpenAI clients.
-    Azure {
-        route: &'a str,
+    /// Chat completions: `POST /v1/chat/completions` and `/openai/v1/chat/completions` (OpenAI
+    /// clients, the route from `model`), `POST /openai/deployments/{route}/chat/completions`
+    /// (Azure clients, the route from the path).
+    Chat {
+        route: Option<&'a str>,
+    },
+    /// Embeddings: `POST /v1/embeddings`, `/openai/v1/embeddings`,
+    /// `/openai/deployments/{route}/embeddings`.
+    Embeddings {
+        route: Option<&'a str>,
     },
     Unknown,
 }
 
+impl Endpoint<'_> {
+    /// Whether its errors are in OpenAI's shape.
+    fn openai(&self) -> bool {
+        matches!(self, Endpoint::Chat { .. } | Endpoint::Embeddings { .. })
+    }
+}
+
 fn endpoint(path: &str) -> Endpoint<'_> {
-    match path {
-        "/" => Endpoint::Ask,
-        "/v1/chat/completions" => Endpoint::OpenAi,
-        _ => match path
+    if path == "/" {
+        return Endpoint::Ask;
+    }
+    // `/v1/{operation}` or Azure's `/openai/v1/{operation}`: the route from the body's `model`;
+    // `/openai/deployments/{route}/{operation}`: from the path.
+    let (route, operation) = match path
+        .strip_prefix("/openai/v1/")
+        .or_else(|| path.strip_prefix("/v1/"))
+    {
+        Some(operation) => (None, operation),
+        None => match path
             .strip_prefix("/openai/deployments/")
-            .and_then(|rest| rest.strip_suffix("/chat/completions"))
+            .and_then(|rest| rest.split_once('/'))
         {
-            Some(route) if !route.is_empty() && !route.contains('/') => Endpoint::Azure { route },
-            _ => Endpoint::Unknown,
+            Some((route, operation)) if !route.is_empty() => (Some(route), operation),
+            _ => return Endpoint::Unknown,
         },
+    };
+    match operation {
+        "chat/completions" => Endpoint::Chat { route },
+        "embeddings" => Endpoint::Embeddings { route },
+        _ => Endpoint::Unknown,
     }
 }
 
@@ -78,12 +103,13 @@ impl<C: Clock> App<C> {
         let endpoint = endpoint(&path);
         if let Err(refusal) = self.keys.check(request.headers()) {
             tracing::info!(status = 401, path, reason = %refusal, "request refused");
-            let mut response = match endpoint {
-                Endpoint::OpenAi | Endpoint::Azure { .. } => openai::unauthorized(refusal),
-                Endpoint::Ask | Endpoint::Unknown => json_response(
+            let mut response = if endpoint.openai() {
+                openai::unauthorized(refusal)
+            } else {
+                json_response(
                     StatusCode::UNAUTHORIZED,
                     &json!({ "error": refusal.to_string() }),
-                ),
+                )
             };
             response
                 .headers_mut()
@@ -91,14 +117,11 @@ impl<C: Clock> App<C> {
             return response;
         }
         match endpoint {
-            Endpoint::OpenAi => {
-                self.chat_completions(&request, None, delivery, started)
+            Endpoint::Chat { route } => {
+                self.chat_completions(&request, route, delivery, started)
                     .await
             }
-            Endpoint::Azure { route } => {
-                self.chat_completions(&request, Some(route), delivery, started)
-                    .await
-            }
+            Endpoint::Embeddings { route } => self.embeddings(&request, route, started).await,
             Endpoint::Ask => self.ask(&request, started).await,
             Endpoint::Unknown => self.not_found(&request, started),
         }

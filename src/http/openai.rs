@@ -16,8 +16,8 @@ use tracing::instrument::WithSubscriber;
 
 use crate::attempt::{Answer, Exhausted, called};
 use crate::clock::Clock;
-use crate::outcome::{Completion, JsonBody};
-use crate::pool::Route;
+use crate::outcome::{Completion, Document, JsonBody};
+use crate::pool::{Route, Serves};
 use crate::reply::Reply;
 use crate::routing::{Delivery, Relayed, RouteError, StreamEnding, Streamed};
 use crate::sse;
@@ -162,14 +162,9 @@ impl<C: Clock> App<C> {
         delivery: Delivery,
         started: Instant,
     ) -> Response<Reply> {
-        let clock = self.engine.clock();
-        let (route, body) = match self.parse(request, path_route) {
+        let (route, body) = match self.parse(request, path_route, Operation::Chat) {
             Ok(parsed) => parsed,
-            Err(error) => {
-                Summary::refused(path_route.unwrap_or_default(), error.message.clone())
-                    .log(error.status.as_u16(), clock.now() - started);
-                return error.into_response();
-            }
+            Err(error) => return self.refused(*error, path_route, Operation::Chat, started),
         };
         let deadline = self.deadline(request);
         let stream = body.get("stream") == Some(&Value::Bool(true));
@@ -184,24 +179,53 @@ impl<C: Clock> App<C> {
                 .await
                 .map(|answer| self.whole(answer, started))
         };
-        let latency = clock.now() - started;
         match result {
             Ok(response) => response,
-            Err(error) => {
-                let api_error = Box::<ApiError>::from(&error);
-                Summary::unanswered(&error, api_error.message.clone())
-                    .streamed(stream)
-                    .log(api_error.status.as_u16(), latency);
-                api_error.into_response()
-            }
+            Err(error) => self.unanswered(&error, Operation::Chat, stream, started),
         }
     }
 
-    /// Checks method, size, JSON and `messages`, and finds the route: before any upstream call.
-    fn parse(
+    /// A request refused before any deployment was asked: its error, and its summary line.
+    pub(super) fn refused(
+        &self,
+        error: ApiError,
+        path_route: Option<&str>,
+        operation: Operation,
+        started: Instant,
+    ) -> Response<Reply> {
+        Summary::refused(path_route.unwrap_or_default(), error.message.clone())
+            .operation(operation.label())
+            .log(error.status.as_u16(), self.engine.clock().now() - started);
+        error.into_response()
+    }
+
+    /// No deployment answered: the error (a 503 with the attempts, or the refusal that was
+    /// the answer), and its summary line.
+    pub(super) fn unanswered(
+        &self,
+        error: &RouteError,
+        operation: Operation,
+        stream: bool,
+        started: Instant,
+    ) -> Response<Reply> {
+        let api_error = Box::<ApiError>::from(error);
+        Summary::unanswered(error, api_error.message.clone())
+            .operation(operation.label())
+            .streamed(stream)
+            .log(
+                api_error.status.as_u16(),
+                self.engine.clock().now() - started,
+            );
+        api_error.into_response()
+    }
+
+    /// Checks method, size, JSON and what `operation` needs in the body, and finds the route:
+    /// before any upstream call.
+    pub(super) fn parse(
         &self,
         request: &Request,
         path_route: Option<&str>,
+        operation: Operation,
     ) -> Result<(&Route, JsonBody), Box<ApiError>> {
         if request.method() != Method::POST {
             let mut e = ApiError::new(
@@ -243,8 +267,12 @@ impl<C: Clock> App<C> {
                 ));
             }
         };
-        check_messages(&body)?;
+        match operation {
+            Operation::Chat => check_messages(&body)?,
+            Operation::Embeddings => check_input(&body)?,
+        }
         let route = self.route_for(path_route, &body)?;
+        operation.check_route(route)?;
         Ok((route, body))
     }
 
@@ -281,7 +309,77 @@ impl<C: Clock> App<C> {
     }
 }
 
+/// What a request asks of its route.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Operation {
+    Chat,
+    Embeddings,
+}
+
+impl Operation {
+    /// As the summary log line names it.
+    pub(super) fn label(self) -> &'static str {
+        match self {
+            Operation::Chat => "chat",
+            Operation::Embeddings => "embeddings",
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Operation::Chat => "chat completions",
+            Operation::Embeddings => "embeddings",
+        }
+    }
+
+    /// A route whose deployments cannot do this: a 400 that says which they serve.
+    fn check_route(self, route: &Route) -> Result<(), Box<ApiError>> {
+        let fits = match self {
+            Operation::Chat => route.serves == Serves::Generation,
+            Operation::Embeddings => matches!(route.serves, Serves::Embeddings { .. }),
+        };
+        if fits {
+            return Ok(());
+        }
+        let fix = match self {
+            Operation::Embeddings => {
+                "; name a route of embedding deployments (entries with \"embeddings\": {\"model\", \"dimensions\"} in FALLBACK_POOL)"
+            }
+            Operation::Chat => "",
+        };
+        let e = ApiError::invalid(
+            format!(
+                "The model `{}` serves {}, not {}{fix}.",
+                route.name,
+                route.serves.describe(),
+                self.name()
+            ),
+            Some("model"),
+            "operation_not_supported",
+        );
+        Err(e)
+    }
+}
+
 impl<C: Clock> App<C> {
+    /// A whole answer passed through exactly as the deployment sent it (embeddings, a response),
+    /// its summary logged with the time since the request came (`started`).
+    pub(super) fn document(
+        &self,
+        answer: Answer<Document>,
+        summary: Summary,
+        started: Instant,
+    ) -> Response<Reply> {
+        let mut response = Response::new(Reply::full(answer.output.raw.clone()));
+        response.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        fallback_headers(&mut response, &answer.deployment, answer.called());
+        summary.log(200, self.engine.clock().now() - started);
+        response
+    }
+
     /// A whole completion, passed through exactly as the deployment sent it; its summary logged
     /// with the time since the request came (`started`).
     fn whole(&self, answer: Answer<Completion>, started: Instant) -> Response<Reply> {
@@ -292,7 +390,9 @@ impl<C: Clock> App<C> {
         );
         fallback_headers(&mut response, &answer.deployment, answer.called());
         let tokens = answer.output.total_tokens();
-        Summary::answered(&answer, tokens).log(200, self.engine.clock().now() - started);
+        Summary::answered(&answer, tokens)
+            .operation(Operation::Chat.label())
+            .log(200, self.engine.clock().now() - started);
         response
     }
 
@@ -307,7 +407,9 @@ impl<C: Clock> App<C> {
         delivery: Delivery,
         started: Instant,
     ) -> Response<Reply> {
-        let summary = Summary::answered(&answer, None).streamed(true);
+        let summary = Summary::answered(&answer, None)
+            .operation(Operation::Chat.label())
+            .streamed(true);
         let (mut deployment, mut attempts) = (answer.deployment, called(&answer.attempts));
         let Streamed { frames, report } = answer.output;
         let clock = self.engine.clock().clone();
@@ -378,6 +480,49 @@ fn interrupted_event(deployment: &str, why: &str, tries: u32) -> Bytes {
         &json!({"error": {"message": message, "type": "server_error", "code": "stream_interrupted"}})
             .to_string(),
     )
+}
+
+/// Embeddings' `input`: a string, an array of strings, an array of token ids or an array of
+/// arrays of token ids, never empty.
+fn check_input(body: &JsonBody) -> Result<(), Box<ApiError>> {
+    let fine = match body.get("input") {
+        None | Some(Value::Null) => {
+            return Err(ApiError::invalid(
+                "Missing required parameter: 'input'.",
+                Some("input"),
+                "missing_required_parameter",
+            ));
+        }
+        Some(Value::String(text)) => !text.is_empty(),
+        Some(Value::Array(items)) => {
+            let all = |f: fn(&Value) -> bool| items.iter().all(f);
+            !items.is_empty()
+                && (all(|v| v.as_str().is_some_and(|s| !s.is_empty()))
+                    || all(|v| v.is_u64())
+                    || all(|v| {
+                        v.as_array()
+                            .is_some_and(|t| !t.is_empty() && t.iter().all(Value::is_u64))
+                    }))
+        }
+        Some(_) => false,
+    };
+    if !fine {
+        return Err(ApiError::invalid(
+            "'input' must be a non-empty string, an array of non-empty strings, an array of token ids or an array of arrays of token ids.",
+            Some("input"),
+            "invalid_value",
+        ));
+    }
+    if let Some(dimensions) = body.get("dimensions")
+        && dimensions.as_u64().is_none_or(|d| d == 0)
+    {
+        return Err(ApiError::invalid(
+            "'dimensions' must be a positive integer.",
+            Some("dimensions"),
+            "invalid_value",
+        ));
+    }
+    Ok(())
 }
 
 fn check_messages(body: &JsonBody) -> Result<(), Box<ApiError>> {

@@ -9,6 +9,8 @@ use crate::clock::millis;
 use crate::routing::{RouteError, StreamEnding, StreamReport};
 
 pub(super) struct Summary {
+    /// What was asked: `chat`, `embeddings`, `responses`, ...
+    operation: &'static str,
     route: String,
     deployment: Option<String>,
     attempts: Vec<Attempt>,
@@ -25,6 +27,7 @@ impl Summary {
     /// A request that got an answer (`tokens` when the answer says how many it used).
     pub fn answered<T>(answer: &Answer<T>, tokens: Option<u64>) -> Self {
         Self {
+            operation: "chat",
             route: answer.route.clone(),
             deployment: Some(answer.deployment.clone()),
             attempts: answer.attempts.clone(),
@@ -45,6 +48,7 @@ impl Summary {
             RouteError::Unavailable(exhausted) => (&exhausted.route, &exhausted.attempts),
         };
         Self {
+            operation: "chat",
             route: route.clone(),
             deployment: None,
             attempts: attempts.clone(),
@@ -59,6 +63,7 @@ impl Summary {
     /// A request refused before any deployment was asked.
     pub fn refused(route: &str, message: String) -> Self {
         Self {
+            operation: "chat",
             route: route.to_owned(),
             deployment: None,
             attempts: Vec::new(),
@@ -68,6 +73,11 @@ impl Summary {
             continued_on: Vec::new(),
             ending: None,
         }
+    }
+
+    pub fn operation(mut self, operation: &'static str) -> Self {
+        self.operation = operation;
+        self
     }
 
     pub fn streamed(mut self, stream: bool) -> Self {
@@ -99,6 +109,7 @@ impl Summary {
             .collect::<Vec<_>>()
             .join(" ");
         tracing::info!(
+            operation = self.operation,
             route = self.route,
             status,
             deployment = self.deployment,

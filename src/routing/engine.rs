@@ -13,10 +13,10 @@ use crate::attempt::Answer;
 use crate::clock::Clock;
 use crate::health::Fleet;
 use crate::net::Http;
-use crate::outcome::JsonBody;
+use crate::outcome::{Document, JsonBody};
 use crate::pool::{Pool, Route};
 use crate::telemetry;
-use crate::upstream::{Chat, Kind, Streaming, Upstream};
+use crate::upstream::{Chat, Embeddings, Kind, Streaming, Upstream};
 
 use super::failover::{Failover, RouteError};
 use super::relay::{self, Delivery, Relay, Streamed};
@@ -94,6 +94,16 @@ impl<C: Clock> Engine<C> {
         deadline: Instant,
     ) -> Result<Answer<<Chat as Kind>::Answer>, RouteError> {
         self.whole::<Chat>(route, body, deadline).await
+    }
+
+    /// Asks the route's deployments for embeddings until one answers, before `deadline`.
+    pub async fn embed(
+        &self,
+        route: &Route,
+        body: &JsonBody,
+        deadline: Instant,
+    ) -> Result<Answer<Document>, RouteError> {
+        self.whole::<Embeddings>(route, body, deadline).await
     }
 
     /// A whole answer of kind `K`; the request's table writes finished before it returns.

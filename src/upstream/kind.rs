@@ -1,5 +1,5 @@
 //! The seam between kinds of call. What one kind does its own way is one implementation of
-//! these traits, in its own file (`chat.rs`): where a deployment takes it, what `model` the body
+//! these traits, in its own file (`chat.rs`, `embeddings.rs`): where a deployment takes it, what `model` the body
 //! carries, how a whole answer is read and how many tokens it used, how its stream's events are
 //! told apart, and how a stream cut after its first content is continued elsewhere. The failover
 //! loop, the relay and the upstream client are written once, for every kind.
@@ -17,10 +17,12 @@ use super::events::{Chunk, StreamEvent};
 pub enum KindId {
     /// `chat/completions`.
     Chat,
+    /// `embeddings`.
+    Embeddings,
 }
 
 impl KindId {
-    pub const ALL: [KindId; 1] = [KindId::Chat];
+    pub const ALL: [KindId; 2] = [KindId::Chat, KindId::Embeddings];
 
     /// Its slot in per-kind tables.
     pub fn slot(self) -> usize {

@@ -1,10 +1,11 @@
 //! The upstream client: the only code that knows reqwest and Azure OpenAI's wire format. It
 //! builds each deployment's requests once, makes one call when asked, and reads the answer into
 //! a typed [`Called`]. It never retries and never sleeps; routing decides what happens next.
-//! What differs between kinds of call is in one file per kind (`chat.rs`), behind the traits
+//! What differs between kinds of call is in one file per kind (`chat.rs`, `embeddings.rs`), behind the traits
 //! of `kind.rs`.
 
 mod chat;
+mod embeddings;
 mod events;
 pub(crate) mod fuzz;
 mod kind;
@@ -22,6 +23,7 @@ use crate::outcome::{Called, Failure, JsonBody, Quota, Transient};
 use crate::pool::{ApiStyle, Deployment, Pool};
 
 pub use chat::Chat;
+pub use embeddings::Embeddings;
 pub use events::{Chunk, EventStream, Next, Opened, StreamEvent};
 pub use kind::{Edit, Kind, KindId, Spent, Streaming};
 use wire::{classify, quota};
@@ -47,6 +49,7 @@ fn prepare(id: KindId, d: &Deployment) -> (Option<reqwest::Url>, Option<String>)
     }
     match id {
         KindId::Chat => of::<Chat>(d),
+        KindId::Embeddings => of::<Embeddings>(d),
     }
 }
 

@@ -12,6 +12,7 @@ mod common;
 
 mod access;
 mod continuation;
+mod embeddings;
 mod events;
 mod fallback;
 mod fleet;

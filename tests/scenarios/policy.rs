@@ -31,6 +31,7 @@ fn pool(specs: &[(u32, u32)]) -> Vec<Deployment> {
             priority,
             weight: f64::from(weight),
             context_window: None,
+            serves: Default::default(),
         })
         .collect()
 }

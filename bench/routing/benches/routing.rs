@@ -23,6 +23,7 @@ fn pool() -> Vec<Deployment> {
             priority: (i / 4) as u32,
             weight: f64::from(1 + i % 3),
             context_window: None,
+            serves: Default::default(),
         })
         .collect()
 }

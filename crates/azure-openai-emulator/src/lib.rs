@@ -65,6 +65,7 @@
 
 mod behavior;
 pub mod chaos;
+mod embeddings;
 mod server;
 mod tls;
 mod wire;

@@ -9,9 +9,13 @@ use std::time::Duration;
 use azure_openai_emulator::{Behavior, Emulator};
 
 const USAGE: &str = "usage: azure-openai-emulator [--host 127.0.0.1] [--port 8080] [--api-key KEY]
-                             [--deployment NAME=BEHAVIOR]... [--latency-ms N] [--chunk-delay-ms N]
+                             [--deployment NAME=BEHAVIOR]... [--model NAME=MODEL]...
+                             [--latency-ms N] [--chunk-delay-ms N]
                              [--exit-after SECS] [--tls-ca-out PATH]
   defaults: --deployment gpt-4o=healthy --deployment gpt-35-turbo=healthy, key emulator-key
+  --model: the model version deployment NAME reports (default: from its name, e.g. gpt-4o ->
+            gpt-4o-2024-08-06); an embedding model's name (text-embedding-3-small, ...-large)
+            sets the dimension of its vectors (1536, 3072) unless a request asks for another
   --chunk-delay-ms: pause between the events of streamed (\"stream\": true) answers, default 0
   --tls-ca-out: serve HTTPS (certificate for localhost, 127.0.0.1, ::1; ALPN http/1.1) signed by
             a test CA generated at start, whose certificate is written to PATH in PEM before
@@ -44,6 +48,7 @@ struct Args {
     port: u16,
     api_key: String,
     deployments: Vec<(String, Behavior)>,
+    models: Vec<(String, String)>,
     latency: Duration,
     chunk_delay: Duration,
     exit_after: Option<Duration>,
@@ -56,6 +61,7 @@ fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Option<Args>, St
         port: 8080,
         api_key: "emulator-key".to_owned(),
         deployments: Vec::new(),
+        models: Vec::new(),
         latency: Duration::ZERO,
         chunk_delay: Duration::ZERO,
         exit_after: None,
@@ -90,6 +96,12 @@ fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Option<Args>, St
                 }
                 out.deployments.push((name.to_owned(), behavior.parse()?));
             }
+            "--model" => match value.split_once('=') {
+                Some((name, model)) if !name.is_empty() && !model.is_empty() => {
+                    out.models.push((name.to_owned(), model.to_owned()));
+                }
+                _ => return Err(format!("--model: expected NAME=MODEL, got {value:?}")),
+            },
             "--latency-ms" => out.latency = Duration::from_millis(number(&value)?),
             "--chunk-delay-ms" => out.chunk_delay = Duration::from_millis(number(&value)?),
             "--exit-after" => out.exit_after = Some(Duration::from_secs(number(&value)?)),
@@ -130,6 +142,9 @@ async fn main() -> ExitCode {
     }
     for (name, behavior) in &args.deployments {
         builder = builder.deployment(name.clone(), behavior.clone());
+    }
+    for (name, model) in &args.models {
+        builder = builder.model_version(name, model.clone());
     }
     let emulator = match builder.start().await {
         Ok(emulator) => emulator,

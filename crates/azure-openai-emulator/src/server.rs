@@ -40,6 +40,14 @@ pub(crate) fn router(shared: Arc<Shared>) -> Router {
             post(classic).fallback(not_found),
         )
         .route("/openai/v1/chat/completions", post(v1).fallback(not_found))
+        .route(
+            "/openai/deployments/{deployment}/embeddings",
+            post(classic_embeddings).fallback(not_found),
+        )
+        .route(
+            "/openai/v1/embeddings",
+            post(v1_embeddings).fallback(not_found),
+        )
         .fallback(not_found)
         .with_state(shared)
 }
@@ -144,15 +152,51 @@ async fn v1(
     handle(&shared, None, &uri, &headers, &body, &conn).await
 }
 
-/// One chat-completions call; `path_deployment` is `None` on the v1 route (name from body `model`).
-async fn handle(
+async fn classic_embeddings(
+    State(shared): State<Arc<Shared>>,
+    path: Result<Path<String>, axum::extract::rejection::PathRejection>,
+    uri: Uri,
+    headers: HeaderMap,
+    Extension(conn): Extension<ConnHandle>,
+    body: Bytes,
+) -> Response {
+    let Ok(Path(deployment)) = path else {
+        return respond(wire::resource_not_found());
+    };
+    embeddings(&shared, Some(deployment), &uri, &headers, &body, &conn).await
+}
+
+async fn v1_embeddings(
+    State(shared): State<Arc<Shared>>,
+    uri: Uri,
+    headers: HeaderMap,
+    Extension(conn): Extension<ConnHandle>,
+    body: Bytes,
+) -> Response {
+    embeddings(&shared, None, &uri, &headers, &body, &conn).await
+}
+
+/// A call that got past what every operation checks first, with its behaviour drawn.
+struct Admitted {
+    deployment: String,
+    body: Option<Value>,
+    plan: Plan,
+    label: String,
+}
+
+/// What every operation does first, as Azure does it: record the call, check the api-version
+/// (classic paths), the key, the deployment, then the body (`check`); only a call that gets
+/// this far consumes a one-shot behaviour. The behaviour's error answers, hang and reset are
+/// acted out here too. `Err`: the call's response.
+async fn admit(
     shared: &Shared,
     path_deployment: Option<String>,
     uri: &Uri,
     headers: &HeaderMap,
     raw_body: &[u8],
     conn: &ConnHandle,
-) -> Response {
+    check: impl Fn(Option<&Value>) -> Result<(), Reply>,
+) -> Result<Admitted, Response> {
     let classic = path_deployment.is_some();
     let body: Option<Value> = serde_json::from_slice(raw_body).ok();
     let deployment = path_deployment.or_else(|| {
@@ -178,15 +222,15 @@ async fn handle(
 
     let api_version = uri.query().and_then(api_version);
     if classic && api_version.is_none() {
-        return finish(
+        return Err(finish(
             shared,
             name,
             "missing-api-version",
             wire::resource_not_found(),
-        );
+        ));
     }
     if !authorized(headers, &shared.api_key) {
-        return finish(shared, name, "bad-key", wire::unauthorized());
+        return Err(finish(shared, name, "bad-key", wire::unauthorized()));
     }
     let Some(deployment) = deployment.as_deref() else {
         let reply = match body {
@@ -195,44 +239,128 @@ async fn handle(
             }
             _ => wire::bad_request("We could not parse the JSON body of your request.", "model"),
         };
-        return finish(shared, name, "bad-request", reply);
+        return Err(finish(shared, name, "bad-request", reply));
     };
     // Azure resolves the deployment before it looks at the body.
     if !shared.is_registered(deployment) {
-        return finish(
+        return Err(finish(
             shared,
             name,
             "unknown-deployment",
             wire::deployment_not_found(),
-        );
+        ));
     }
-    let messages = match body.as_ref().map(|b| b.get("messages")) {
-        None => Err("We could not parse the JSON body of your request."),
-        Some(Some(Value::Array(m))) if !m.is_empty() => Ok(m),
-        Some(Some(Value::Array(_))) => Err("[] is too short - 'messages'"),
-        Some(_) => Err("'messages' is a required property"),
-    };
-    let messages = match messages {
-        Ok(m) => m,
-        Err(message) => {
-            let reply = wire::bad_request(message, "messages");
-            return finish(shared, name, "bad-request", reply);
-        }
-    };
-    // Only calls that got this far consume a one-shot behaviour.
+    if let Err(reply) = check(body.as_ref()) {
+        return Err(finish(shared, name, "bad-request", reply));
+    }
     let Some(plan) = shared.next_behavior(deployment, at) else {
-        return finish(
+        return Err(finish(
             shared,
             name,
             "unknown-deployment",
             wire::deployment_not_found(),
-        );
+        ));
     };
-
     let label = plan.behavior.to_string();
     if let Some(reply) = wire::error_reply(&plan.behavior, api_version.as_deref()) {
-        return finish(shared, name, &label, reply);
+        return Err(finish(shared, name, &label, reply));
     }
+    match plan.behavior {
+        Behavior::Hang => {
+            shared.log(name, &label, "no response");
+            std::future::pending().await
+        }
+        Behavior::ResetConnection => {
+            shared.log(name, &label, "connection reset");
+            conn.0.notify_one();
+            std::future::pending().await
+        }
+        _ => Ok(Admitted {
+            deployment: deployment.to_owned(),
+            body,
+            plan,
+            label,
+        }),
+    }
+}
+
+/// One embeddings call: healthy behaviours answer with the deployment model's vectors (after its
+/// latency); failures as for chat.
+async fn embeddings(
+    shared: &Shared,
+    path_deployment: Option<String>,
+    uri: &Uri,
+    headers: &HeaderMap,
+    raw_body: &[u8],
+    conn: &ConnHandle,
+) -> Response {
+    let check = |body: Option<&Value>| crate::embeddings::inputs(body).map(drop);
+    let admitted = match admit(shared, path_deployment, uri, headers, raw_body, conn, check).await {
+        Ok(admitted) => admitted,
+        Err(response) => return response,
+    };
+    let Admitted {
+        deployment,
+        body,
+        plan,
+        label,
+    } = admitted;
+    let body = body.unwrap_or(Value::Null);
+    let inputs = crate::embeddings::inputs(Some(&body)).unwrap_or_default();
+    if !plan.latency.is_zero() {
+        tokio::time::sleep(plan.latency).await;
+    }
+    let reply = crate::embeddings::reply(
+        &plan.model,
+        &body,
+        &inputs,
+        plan.remaining_requests,
+        plan.remaining_tokens,
+    );
+    finish(shared, &deployment, &label, reply)
+}
+
+/// One chat-completions call; `path_deployment` is `None` on the v1 route (name from body `model`).
+async fn handle(
+    shared: &Shared,
+    path_deployment: Option<String>,
+    uri: &Uri,
+    headers: &HeaderMap,
+    raw_body: &[u8],
+    conn: &ConnHandle,
+) -> Response {
+    let check = |body: Option<&Value>| match body.map(|b| b.get("messages")) {
+        None => Err(wire::bad_request(
+            "We could not parse the JSON body of your request.",
+            "messages",
+        )),
+        Some(Some(Value::Array(m))) if !m.is_empty() => Ok(()),
+        Some(Some(Value::Array(_))) => Err(wire::bad_request(
+            "[] is too short - 'messages'",
+            "messages",
+        )),
+        Some(_) => Err(wire::bad_request(
+            "'messages' is a required property",
+            "messages",
+        )),
+    };
+    let admitted = match admit(shared, path_deployment, uri, headers, raw_body, conn, check).await {
+        Ok(admitted) => admitted,
+        Err(response) => return response,
+    };
+    let Admitted {
+        deployment,
+        body,
+        plan,
+        label,
+    } = admitted;
+    let (name, deployment) = (deployment.as_str(), deployment.as_str());
+    let empty = Vec::new();
+    let messages = body
+        .as_ref()
+        .and_then(|b| b.get("messages"))
+        .and_then(Value::as_array)
+        .unwrap_or(&empty);
     let deployments = shared.deployments();
     let conversation = Conversation::read(messages, &deployments);
     match plan.behavior {
@@ -252,52 +380,39 @@ async fn handle(
         }
         _ => {}
     }
-    match plan.behavior {
-        Behavior::Hang => {
-            shared.log(name, &label, "no response");
-            std::future::pending().await
-        }
-        Behavior::ResetConnection => {
-            shared.log(name, &label, "connection reset");
-            conn.0.notify_one();
-            std::future::pending().await
-        }
-        // Healthy, OutputFiltered or a stream behaviour: a completion
-        _ => {
-            let filtered = plan.behavior == Behavior::OutputFiltered;
-            let overlap = match plan.behavior {
-                Behavior::ContinueOverlap { words } => words,
-                _ => 0,
-            };
-            let completion = Completion::new(
-                deployment,
-                &plan.model,
-                messages,
-                &conversation,
-                &deployments,
-                overlap,
-                filtered,
-            );
-            let flag = |pointer| body.as_ref().and_then(|b| b.pointer(pointer)) == Some(&TRUE);
-            let (stream, include_usage) = (flag("/stream"), flag("/stream_options/include_usage"));
-            if !plan.latency.is_zero() {
-                tokio::time::sleep(plan.latency).await;
-            }
-            if stream {
-                shared.log(name, &label, "200 stream");
-                let mut events = completion.stream_events(include_usage);
-                if let Behavior::StreamToolCut { after } = plan.behavior {
-                    // A tool call instead of text: its pieces are the stream's content.
-                    let mut calls = completion.tool_call_events(after);
-                    events.role = calls.remove(0);
-                    events.content = calls;
-                }
-                return stream_response(events, &plan, conn.clone());
-            }
-            let reply = completion.reply(plan.remaining_requests, plan.remaining_tokens);
-            finish(shared, name, &label, reply)
-        }
+    // Healthy, OutputFiltered or a stream behaviour: a completion
+    let filtered = plan.behavior == Behavior::OutputFiltered;
+    let overlap = match plan.behavior {
+        Behavior::ContinueOverlap { words } => words,
+        _ => 0,
+    };
+    let completion = Completion::new(
+        deployment,
+        &plan.model,
+        messages,
+        &conversation,
+        &deployments,
+        overlap,
+        filtered,
+    );
+    let flag = |pointer| body.as_ref().and_then(|b| b.pointer(pointer)) == Some(&TRUE);
+    let (stream, include_usage) = (flag("/stream"), flag("/stream_options/include_usage"));
+    if !plan.latency.is_zero() {
+        tokio::time::sleep(plan.latency).await;
     }
+    if stream {
+        shared.log(name, &label, "200 stream");
+        let mut events = completion.stream_events(include_usage);
+        if let Behavior::StreamToolCut { after } = plan.behavior {
+            // A tool call instead of text: its pieces are the stream's content.
+            let mut calls = completion.tool_call_events(after);
+            events.role = calls.remove(0);
+            events.content = calls;
+        }
+        return stream_response(events, &plan, conn.clone());
+    }
+    let reply = completion.reply(plan.remaining_requests, plan.remaining_tokens);
+    finish(shared, name, &label, reply)
 }
 
 const TRUE: Value = Value::Bool(true);

@@ -11,6 +11,7 @@ use serde_json::{Value, json};
 use crate::behavior::{Behavior, RetryAfter};
 
 /// A response before the common headers (`x-request-id`, ...) are added.
+#[derive(Debug)]
 pub(crate) struct Reply {
     pub status: StatusCode,
     pub headers: Vec<(&'static str, String)>,
