@@ -93,11 +93,14 @@ pub struct Quota {
 }
 
 /// A whole answer passed through exactly as the deployment sent it (embeddings, a response):
-/// its bytes, and the tokens it used.
+/// its bytes, its id and the tokens it used.
 #[derive(Debug, Clone)]
 pub struct Document {
     /// The body exactly as the deployment sent it.
     pub raw: Bytes,
+    /// Its `id`, when it has one: a stored response's, which the fleet remembers the
+    /// deployment of.
+    pub id: Option<String>,
     /// `usage.total_tokens`, when the answer says.
     pub tokens: Option<u64>,
 }

@@ -69,9 +69,18 @@ impl Deployment {
                 "{}/openai/deployments/{}/{path}?api-version={api_version}",
                 self.endpoint, self.deployment
             ),
-            // An OpenAI-compatible base URL already ends in /v1; an Azure resource URL does not.
-            ApiStyle::V1 if self.endpoint.ends_with("/v1") => format!("{}/{path}", self.endpoint),
-            ApiStyle::V1 => format!("{}/openai/v1/{path}", self.endpoint),
+            ApiStyle::V1 => self.v1_url(path),
+        }
+    }
+
+    /// The URL of operation `path` on the resource's v1 API, whatever the entry's style: what
+    /// only v1 serves (the Responses API) is called there, with the entry's key.
+    pub fn v1_url(&self, path: &str) -> String {
+        // An OpenAI-compatible base URL already ends in /v1; an Azure resource URL does not.
+        if self.endpoint.ends_with("/v1") {
+            format!("{}/{path}", self.endpoint)
+        } else {
+            format!("{}/openai/v1/{path}", self.endpoint)
         }
     }
 

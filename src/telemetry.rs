@@ -153,6 +153,10 @@ pub enum TableOp {
     Recovered,
     /// The request's writes, waited for together before its response.
     Write,
+    /// Where a stored response lives: remembered, looked up, forgotten.
+    Pin,
+    Holder,
+    Unpin,
 }
 
 impl TableOp {
@@ -165,6 +169,9 @@ impl TableOp {
             TableOp::Open => "open",
             TableOp::Recovered => "recovered",
             TableOp::Write => "write",
+            TableOp::Pin => "pin",
+            TableOp::Holder => "holder",
+            TableOp::Unpin => "unpin",
         }
     }
 }

@@ -1,8 +1,9 @@
 //! The fleet's shared memory, in DynamoDB: one item (`pk = "deployments"`) with a few
 //! attributes per deployment (`<host>/<deployment>|<field>`), read whole with one GetItem and
 //! changed with conditional UpdateItems, so that no execution environment undoes what another
-//! learned (a shorter cooldown never shortens a longer one, one lease at a time). The only code
-//! that knows DynamoDB. It never waits on its own: the caller bounds every call.
+//! learned (a shorter cooldown never shortens a longer one, one lease at a time); and an item
+//! per stored response (`pk = "response#<id>"`) naming the deployment that holds it. The only
+//! code that knows DynamoDB. It never waits on its own: the caller bounds every call.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -21,6 +22,12 @@ use super::shared::Shared;
 const ITEM: &str = "deployments";
 /// DynamoDB deletes the item this long after the last change (a cooldown is at most 24 h).
 const KEEP_FOR_SECONDS: u64 = 25 * 60 * 60;
+
+/// A stored response's item (`pk = "response#<id>"`) names the deployment that holds it.
+const RESPONSE: &str = "response#";
+const HOLDER: &str = "deployment";
+/// Azure keeps a stored response for 30 days; the fleet remembers where for as long.
+const RESPONSE_KEEP_SECONDS: u64 = 30 * 24 * 60 * 60;
 
 /// The fields kept per deployment, as attribute-name suffixes.
 const THROTTLED: &str = "|throttled";
@@ -221,6 +228,50 @@ impl Fleet {
             .send()
             .await
             .map_or_else(conditional, |_| Ok(Written::Applied))
+    }
+
+    /// The deployment (its [`Fleet::key`]) holding stored response `id`, for as long as Azure
+    /// keeps it.
+    pub async fn pin(&self, id: &str, key: &str, now: u64) -> Result<(), FleetError> {
+        self.client
+            .update_item()
+            .table_name(&*self.table)
+            .key("pk", AttributeValue::S(format!("{RESPONSE}{id}")))
+            .update_expression("SET #d = :d, #exp = :exp")
+            .expression_attribute_names("#d", HOLDER)
+            .expression_attribute_names("#exp", "expires_at")
+            .expression_attribute_values(":d", AttributeValue::S(key.to_owned()))
+            .expression_attribute_values(":exp", number(now / 1000 + RESPONSE_KEEP_SECONDS))
+            .send()
+            .await?;
+        Ok(())
+    }
+
+    /// The deployment (its [`Fleet::key`]) that holds stored response `id`, if the fleet knows.
+    pub async fn holder(&self, id: &str) -> Result<Option<String>, FleetError> {
+        let output = self
+            .client
+            .get_item()
+            .table_name(&*self.table)
+            .key("pk", AttributeValue::S(format!("{RESPONSE}{id}")))
+            .send()
+            .await?;
+        Ok(output
+            .item()
+            .and_then(|item| item.get(HOLDER))
+            .and_then(|v| v.as_s().ok())
+            .cloned())
+    }
+
+    /// Stored response `id` was deleted.
+    pub async fn unpin(&self, id: &str) -> Result<(), FleetError> {
+        self.client
+            .delete_item()
+            .table_name(&*self.table)
+            .key("pk", AttributeValue::S(format!("{RESPONSE}{id}")))
+            .send()
+            .await?;
+        Ok(())
     }
 
     /// An UpdateItem on the one item, keeping it for a day after this change.

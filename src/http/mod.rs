@@ -9,6 +9,7 @@ pub(crate) mod event;
 pub(crate) mod fuzz;
 mod openai;
 mod respond;
+mod responses;
 mod summary;
 
 pub use app::{App, Surface};
@@ -24,6 +25,7 @@ use crate::clock::Clock;
 use crate::reply::Reply;
 use crate::routing::Delivery;
 use crate::telemetry;
+use crate::upstream::StoredOp;
 
 use respond::{json_response, path};
 
@@ -46,13 +48,21 @@ enum Endpoint<'a> {
     Embeddings {
         route: Option<&'a str>,
     },
+    /// The Responses API: `POST /v1/responses` and `/openai/v1/responses`.
+    Responses,
+    /// A stored response: `GET`/`DELETE /v1/responses/{id}`, `GET .../{id}/input_items` (and
+    /// under `/openai/v1/`).
+    Stored {
+        id: &'a str,
+        op: StoredOp,
+    },
     Unknown,
 }
 
 impl Endpoint<'_> {
     /// Whether its errors are in OpenAI's shape.
     fn openai(&self) -> bool {
-        matches!(self, Endpoint::Chat { .. } | Endpoint::Embeddings { .. })
+        !matches!(self, Endpoint::Ask | Endpoint::Unknown)
     }
 }
 
@@ -75,9 +85,25 @@ fn endpoint(path: &str) -> Endpoint<'_> {
             _ => return Endpoint::Unknown,
         },
     };
-    match operation {
-        "chat/completions" => Endpoint::Chat { route },
-        "embeddings" => Endpoint::Embeddings { route },
+    match (operation, route) {
+        ("chat/completions", _) => Endpoint::Chat { route },
+        ("embeddings", _) => Endpoint::Embeddings { route },
+        // Azure serves the Responses API on v1 only: no deployment in the path.
+        ("responses", None) => Endpoint::Responses,
+        (stored, None) => match stored
+            .strip_prefix("responses/")
+            .map(|rest| rest.split_once('/'))
+        {
+            Some(None) => Endpoint::Stored {
+                id: &stored["responses/".len()..],
+                op: StoredOp::Get,
+            },
+            Some(Some((id, "input_items"))) => Endpoint::Stored {
+                id,
+                op: StoredOp::InputItems,
+            },
+            _ => Endpoint::Unknown,
+        },
         _ => Endpoint::Unknown,
     }
 }
@@ -122,6 +148,8 @@ impl<C: Clock> App<C> {
                     .await
             }
             Endpoint::Embeddings { route } => self.embeddings(&request, route, started).await,
+            Endpoint::Responses => self.responses(&request, delivery, started).await,
+            Endpoint::Stored { id, op } => self.stored(&request, id, op, started).await,
             Endpoint::Ask => self.ask(&request, started).await,
             Endpoint::Unknown => self.not_found(&request, started),
         }

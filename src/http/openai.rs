@@ -19,8 +19,9 @@ use crate::clock::Clock;
 use crate::outcome::{Completion, Document, JsonBody};
 use crate::pool::{Route, Serves};
 use crate::reply::Reply;
-use crate::routing::{Delivery, Relayed, RouteError, StreamEnding, Streamed};
+use crate::routing::{Delivery, Relayed, RouteError, StateError, StreamEnding, Streamed};
 use crate::sse;
+use crate::upstream::is_response_id;
 
 use super::app::App;
 use super::auth::Refusal;
@@ -30,19 +31,23 @@ use super::summary::Summary;
 /// An error in OpenAI's shape: `{"error": {"message", "type", "param", "code", ...}}`.
 #[derive(Debug)]
 pub struct ApiError {
-    status: StatusCode,
-    message: String,
+    pub(super) status: StatusCode,
+    pub(super) message: String,
     kind: &'static str,
-    code: Option<String>,
+    pub(super) code: Option<String>,
     param: Option<String>,
     /// Further fields inside `error` (Azure's filter verdicts, the attempts of a 503).
     extra: Map<String, Value>,
     retry_after: Option<u64>,
-    allow: Option<&'static str>,
+    pub(super) allow: Option<&'static str>,
 }
 
 impl ApiError {
-    fn new(status: StatusCode, kind: &'static str, message: impl Into<String>) -> Box<Self> {
+    pub(super) fn new(
+        status: StatusCode,
+        kind: &'static str,
+        message: impl Into<String>,
+    ) -> Box<Self> {
         Box::new(Self {
             status,
             message: message.into(),
@@ -62,7 +67,7 @@ impl ApiError {
         e
     }
 
-    fn into_response(self) -> Response<Reply> {
+    pub(super) fn into_response(self) -> Response<Reply> {
         let this = self;
         let mut error = Map::new();
         error.insert("message".into(), Value::String(this.message));
@@ -170,7 +175,9 @@ impl<C: Clock> App<C> {
         let stream = body.get("stream") == Some(&Value::Bool(true));
         let result = if stream {
             match self.engine.stream(route, &body, deadline, delivery).await {
-                Ok(answer) => Ok(self.streamed(answer, delivery, started).await),
+                Ok(answer) => Ok(self
+                    .streamed(answer, Operation::Chat, delivery, started)
+                    .await),
                 Err(error) => Err(error),
             }
         } else {
@@ -270,6 +277,7 @@ impl<C: Clock> App<C> {
         match operation {
             Operation::Chat => check_messages(&body)?,
             Operation::Embeddings => check_input(&body)?,
+            Operation::Responses => check_response_request(&body)?,
         }
         let route = self.route_for(path_route, &body)?;
         operation.check_route(route)?;
@@ -314,6 +322,7 @@ impl<C: Clock> App<C> {
 pub(super) enum Operation {
     Chat,
     Embeddings,
+    Responses,
 }
 
 impl Operation {
@@ -322,6 +331,7 @@ impl Operation {
         match self {
             Operation::Chat => "chat",
             Operation::Embeddings => "embeddings",
+            Operation::Responses => "responses",
         }
     }
 
@@ -329,13 +339,14 @@ impl Operation {
         match self {
             Operation::Chat => "chat completions",
             Operation::Embeddings => "embeddings",
+            Operation::Responses => "responses",
         }
     }
 
     /// A route whose deployments cannot do this: a 400 that says which they serve.
     fn check_route(self, route: &Route) -> Result<(), Box<ApiError>> {
         let fits = match self {
-            Operation::Chat => route.serves == Serves::Generation,
+            Operation::Chat | Operation::Responses => route.serves == Serves::Generation,
             Operation::Embeddings => matches!(route.serves, Serves::Embeddings { .. }),
         };
         if fits {
@@ -345,7 +356,7 @@ impl Operation {
             Operation::Embeddings => {
                 "; name a route of embedding deployments (entries with \"embeddings\": {\"model\", \"dimensions\"} in FALLBACK_POOL)"
             }
-            Operation::Chat => "",
+            Operation::Chat | Operation::Responses => "",
         };
         let e = ApiError::invalid(
             format!(
@@ -401,14 +412,15 @@ impl<C: Clock> App<C> {
     /// buffered front nothing reaches the caller before the stream has ended, so the headers
     /// wait for its report and name every deployment that wrote the answer (a continued one has
     /// two) and every deployment called for it; a streamed caller gets its headers at once.
-    async fn streamed(
+    pub(super) async fn streamed(
         &self,
         answer: Answer<Streamed>,
+        operation: Operation,
         delivery: Delivery,
         started: Instant,
     ) -> Response<Reply> {
         let summary = Summary::answered(&answer, None)
-            .operation(Operation::Chat.label())
+            .operation(operation.label())
             .streamed(true);
         let (mut deployment, mut attempts) = (answer.deployment, called(&answer.attempts));
         let Streamed { frames, report } = answer.output;
@@ -432,7 +444,11 @@ impl<C: Clock> App<C> {
                 tokio::spawn(log.in_current_span().with_current_subscriber());
             }
         }
-        let frames = ReceiverStream::new(frames).filter_map(chat_frame);
+        let frame = match operation {
+            Operation::Responses => responses_frame,
+            Operation::Chat | Operation::Embeddings => chat_frame,
+        };
+        let frames = ReceiverStream::new(frames).filter_map(frame);
         let mut response = Response::new(Reply::stream(frames));
         let headers = response.headers_mut();
         headers.insert(
@@ -465,21 +481,149 @@ fn chat_frame(item: Relayed) -> Option<Bytes> {
     }
 }
 
-/// The event that ends an interrupted stream instead of `[DONE]`: `stream_interrupted`, naming
-/// the original failure (never the refusal of a rescue); the OpenAI SDKs raise it as an error.
-fn interrupted_event(deployment: &str, why: &str, tries: u32) -> Bytes {
+/// A relayed Responses stream, on the wire: its events (the last, `response.completed`, says it
+/// is complete), or the `error` event that says it is not.
+fn responses_frame(item: Relayed) -> Option<Bytes> {
+    match item {
+        Relayed::Frame(frame) => Some(frame),
+        Relayed::End(StreamEnding::Interrupted {
+            deployment,
+            why,
+            tries,
+            reported: false,
+        }) => {
+            let message = interrupted_message(&deployment, &why.to_string(), tries);
+            let event = json!({"type": "error", "code": "stream_interrupted", "message": message, "param": null});
+            Some(sse::named_event("error", &event.to_string()))
+        }
+        Relayed::End(_) => None,
+    }
+}
+
+/// What an interrupted answer says: the original failure (never the refusal of a rescue).
+fn interrupted_message(deployment: &str, why: &str, tries: u32) -> String {
     let rescue = match tries {
         0 => String::new(),
         1 => "; it could not be continued on another deployment".to_owned(),
         n => format!("; {n} attempts to continue it on another deployment failed"),
     };
-    let message = format!(
+    format!(
         "The answer from deployment {deployment} was interrupted ({why}){rescue}; it is incomplete. Retry the request."
-    );
+    )
+}
+
+/// The event that ends an interrupted stream instead of `[DONE]`: `stream_interrupted`, naming
+/// the original failure (never the refusal of a rescue); the OpenAI SDKs raise it as an error.
+fn interrupted_event(deployment: &str, why: &str, tries: u32) -> Bytes {
+    let message = interrupted_message(deployment, why, tries);
     sse::event(
         &json!({"error": {"message": message, "type": "server_error", "code": "stream_interrupted"}})
             .to_string(),
     )
+}
+
+/// A Responses API request: something to answer (`input`, a `prompt`, or a conversation to go
+/// on with), and a `previous_response_id` that can be one.
+fn check_response_request(body: &JsonBody) -> Result<(), Box<ApiError>> {
+    match body.get("previous_response_id") {
+        None | Some(Value::Null) => {}
+        Some(Value::String(id)) if is_response_id(id) => {}
+        Some(other) => {
+            return Err(ApiError::invalid(
+                format!(
+                    "Invalid 'previous_response_id': {other}. Expected an ID that begins with 'resp'."
+                ),
+                Some("previous_response_id"),
+                "invalid_value",
+            ));
+        }
+    }
+    match body.get("input") {
+        None | Some(Value::Null) => {
+            let other = ["previous_response_id", "prompt", "conversation"]
+                .iter()
+                .any(|field| body.get(*field).is_some_and(|v| !v.is_null()));
+            if !other {
+                return Err(ApiError::invalid(
+                    "Missing required parameter: 'input'.",
+                    Some("input"),
+                    "missing_required_parameter",
+                ));
+            }
+        }
+        Some(Value::String(_) | Value::Array(_)) => {}
+        Some(_) => {
+            return Err(ApiError::invalid(
+                "'input' must be a string or an array of input items.",
+                Some("input"),
+                "invalid_type",
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// A request about a stored response that got no answer, in OpenAI's words. `previous`: the
+/// id came as `previous_response_id` (a 400 when unknown, as OpenAI answers), else in the path
+/// (a 404).
+pub(super) fn state_error(error: &StateError, previous: bool) -> Box<ApiError> {
+    match error {
+        StateError::Route(error) => error.into(),
+        StateError::NotFound { id } if previous => ApiError::invalid(
+            format!("Previous response with id '{id}' not found."),
+            Some("previous_response_id"),
+            "previous_response_not_found",
+        ),
+        StateError::NotFound { id } => {
+            let mut e = ApiError::new(
+                StatusCode::NOT_FOUND,
+                "invalid_request_error",
+                format!("Response with id '{id}' not found."),
+            );
+            e.code = Some("response_not_found".into());
+            e
+        }
+        StateError::Elsewhere {
+            id,
+            deployment,
+            route,
+        } => ApiError::invalid(
+            format!(
+                "Response '{id}' is stored on the resource of deployment {deployment}, and the model `{route}` has no deployment there: continue the conversation with a model that does, or send its whole history with store: false."
+            ),
+            Some("previous_response_id"),
+            "previous_response_elsewhere",
+        ),
+        StateError::Unavailable {
+            id,
+            deployment,
+            error,
+        } => {
+            let mut e = Box::<ApiError>::from(error);
+            let seconds = e.retry_after.unwrap_or(1);
+            e.message = format!(
+                "Response '{id}' (the conversation's state) is stored with deployment {deployment}, which cannot answer now; no other deployment has its history. Retry after {seconds} s."
+            );
+            e.code = Some("conversation_unavailable".into());
+            e.extra
+                .insert("deployment".into(), Value::String(deployment.clone()));
+            e
+        }
+        StateError::Unknown { id, exhausted } => {
+            let seconds = retry_after_seconds(exhausted.retry_after);
+            let mut e = ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "server_error",
+                format!(
+                    "Could not find where response '{id}' is stored: some deployments could not be asked. Retry after {seconds} s."
+                ),
+            );
+            e.code = Some("response_lookup_failed".into());
+            e.retry_after = Some(seconds);
+            e.extra.insert("attempts".into(), json!(exhausted.attempts));
+            e
+        }
+    }
 }
 
 /// Embeddings' `input`: a string, an array of strings, an array of token ids or an array of

@@ -60,6 +60,14 @@ impl Summary {
         }
     }
 
+    /// A request that got no answer after `attempts`, for the reason `message` gives.
+    pub fn failed(route: &str, attempts: &[Attempt], message: String) -> Self {
+        Self {
+            attempts: attempts.to_vec(),
+            ..Self::refused(route, message)
+        }
+    }
+
     /// A request refused before any deployment was asked.
     pub fn refused(route: &str, message: String) -> Self {
         Self {

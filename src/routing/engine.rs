@@ -16,12 +16,19 @@ use crate::net::Http;
 use crate::outcome::{Document, JsonBody};
 use crate::pool::{Pool, Route};
 use crate::telemetry;
-use crate::upstream::{Chat, Embeddings, Kind, Streaming, Upstream};
+use crate::upstream::{Chat, Embeddings, Kind, Responses, StoredOp, Streaming, Upstream};
 
 use super::failover::{Failover, RouteError};
 use super::relay::{self, Delivery, Relay, Streamed};
 use super::settings::Settings;
+use super::state::{Conversations, StateError};
 use super::sync::{FleetSync, Writes};
+
+/// The stored response a Responses request continues, when it names one.
+fn previous_response(body: &JsonBody) -> Option<&str> {
+    body.get("previous_response_id")
+        .and_then(serde_json::Value::as_str)
+}
 
 /// The routing policy's parts. Built once per execution environment.
 pub struct Engine<C: Clock> {
@@ -104,6 +111,75 @@ impl<C: Clock> Engine<C> {
         deadline: Instant,
     ) -> Result<Answer<Document>, RouteError> {
         self.whole::<Embeddings>(route, body, deadline).await
+    }
+
+    /// A response (not streamed) from the route's deployments, before `deadline`: one that
+    /// continues a stored conversation only from the deployments on the resource that stores
+    /// it (`routing::state`); a stored one remembered fleet-wide.
+    pub async fn respond(
+        &self,
+        route: &Route,
+        body: &JsonBody,
+        deadline: Instant,
+    ) -> Result<Answer<Document>, StateError> {
+        let state = self.conversations();
+        let answer = match previous_response(body) {
+            None => self
+                .whole::<Responses>(route, body, deadline)
+                .await
+                .map_err(StateError::Route)?,
+            Some(id) => {
+                let (holder, pinned) = state.holding(route, id, deadline).await?;
+                self.whole::<Responses>(&pinned, body, deadline)
+                    .await
+                    .map_err(|error| state.held(id, holder, error))?
+            }
+        };
+        state.remember(body, &answer).await;
+        Ok(answer)
+    }
+
+    /// A streamed response ([`Engine::respond`], relayed as chat streams are: the preamble
+    /// held until the first output, a cut stream continued or ended honestly); a stored one is
+    /// remembered as soon as its id is known.
+    pub async fn stream_response(
+        self: &Arc<Self>,
+        route: &Route,
+        body: &JsonBody,
+        deadline: Instant,
+        delivery: Delivery,
+    ) -> Result<Answer<Streamed>, StateError> {
+        match previous_response(body) {
+            None => self
+                .stream_of::<Responses>(route, body, deadline, delivery)
+                .await
+                .map_err(StateError::Route),
+            Some(id) => {
+                let state = self.conversations();
+                let (holder, pinned) = state.holding(route, id, deadline).await?;
+                self.stream_of::<Responses>(&pinned, body, deadline, delivery)
+                    .await
+                    .map_err(|error| state.held(id, holder, error))
+            }
+        }
+    }
+
+    /// `op` on stored response `id`, where it is stored, before `deadline`; `query` is the
+    /// caller's, passed on.
+    pub async fn stored(
+        &self,
+        op: StoredOp,
+        id: &str,
+        query: Option<&str>,
+        deadline: Instant,
+    ) -> Result<Answer<Document>, StateError> {
+        self.conversations().stored(op, id, query, deadline).await
+    }
+
+    fn conversations(&self) -> Conversations<'_, C> {
+        Conversations {
+            policy: self.failover(),
+        }
     }
 
     /// A whole answer of kind `K`; the request's table writes finished before it returns.

@@ -135,7 +135,7 @@ impl<C: Clock> Failover<'_, C> {
     /// according to the outcome until one answers or none is left. `call` gets the deployment's
     /// index and the time its call may take. What the calls teach the fleet goes to `writes`;
     /// the deployments in `exclude` are not tried.
-    async fn run<T, F, Fut>(
+    pub(super) async fn run<T, F, Fut>(
         &self,
         route: &Route,
         deadline: Instant,

@@ -8,9 +8,11 @@ mod failover;
 mod relay;
 mod settings;
 mod splice;
+mod state;
 mod sync;
 
 pub use engine::Engine;
 pub use failover::RouteError;
 pub use relay::{Delivery, Relayed, StreamEnding, StreamReport, Streamed};
 pub use settings::Settings;
+pub use state::StateError;

@@ -23,7 +23,6 @@ use crate::clock::Clock;
 use crate::health::Event;
 use crate::outcome::{JsonBody, total_tokens};
 use crate::pool::Route;
-use crate::sse;
 use crate::telemetry;
 use crate::upstream::{Chunk, Edit, Next, Opened, Spent, StreamEvent, Streaming};
 
@@ -264,6 +263,9 @@ pub(super) struct Relay<'a, C: Clock, K> {
     opaque: bool,
     /// The answer's chunk id (its first stream's).
     id: Option<String>,
+    /// The output item its text belongs to (Responses), and the last sequence number relayed.
+    item: Option<String>,
+    sequence: Option<u64>,
     deployments: Vec<String>,
     /// Deployments whose stream broke, not asked again.
     failed: Vec<usize>,
@@ -299,6 +301,8 @@ impl<'a, C: Clock, K: Streaming> Relay<'a, C, K> {
             writes,
             sent: String::new(),
             id: None,
+            item: None,
+            sequence: None,
             deployments: Vec::new(),
             failed: Vec::new(),
             attempts: Vec::new(),
@@ -381,7 +385,7 @@ impl<'a, C: Clock, K: Streaming> Relay<'a, C, K> {
         // finish before the body ends: Lambda freezes the environment after it.
         if ending != StreamEnding::Gone {
             if let Some(event) = event {
-                self.out.send(Relayed::Frame(sse::event(&event))).await;
+                self.out.send(Relayed::Frame(K::frame(&event))).await;
             }
             self.out.send(Relayed::End(ending)).await;
         }
@@ -525,13 +529,37 @@ impl<'a, C: Clock, K: Streaming> Relay<'a, C, K> {
 
     /// Relays one chunk.
     async fn emit(&mut self, current: &mut Current, chunk: Chunk) -> Result<(), Ending> {
-        if current.resumed && !chunk.content && chunk.finish.is_none() && chunk.usage.is_none() {
-            // A resumed stream's role chunk (or what trimming emptied): not news.
+        if current.resumed
+            && !chunk.content
+            && chunk.finish.is_none()
+            && chunk.usage.is_none()
+            && !chunk.closing
+        {
+            // A resumed stream's opening (chat's role chunk, Responses' preamble) or what
+            // trimming emptied: not news.
             return Ok(());
         }
         self.opaque |= chunk.opaque;
-        if self.id.is_none() {
+        if self.id.is_none() && chunk.id.is_some() {
             self.id.clone_from(&chunk.id);
+            // A stored answer's id, as soon as it is known: a follow-up may come from another
+            // environment before this stream has ended.
+            if let Some(id) = &self.id
+                && K::pins(&self.body)
+            {
+                self.policy.sync.pin(id, current.index).await;
+            }
+        }
+        if self.item.is_none() {
+            self.item.clone_from(&chunk.item);
+        }
+        let sequence = if current.resumed {
+            self.sequence.map(|n| n + 1)
+        } else {
+            chunk.sequence
+        };
+        if sequence.is_some() {
+            self.sequence = sequence;
         }
         self.sent.push_str(&chunk.text);
         if chunk.content {
@@ -556,12 +584,15 @@ impl<'a, C: Clock, K: Streaming> Relay<'a, C, K> {
                 id: self.id.as_deref(),
                 text: None,
                 usage: usage.as_ref(),
+                item: self.item.as_deref(),
+                sequence,
+                whole: (chunk.closing || chunk.finish.is_some()).then_some(self.sent.as_str()),
             };
             K::rewrite(&chunk, edit)
         } else {
             chunk.data
         };
-        if self.out.send(Relayed::Frame(sse::event(&data))).await {
+        if self.out.send(Relayed::Frame(K::frame(&data))).await {
             Ok(())
         } else {
             Err(Ending::Gone)
@@ -637,6 +668,8 @@ impl<'a, C: Clock, K: Streaming> Relay<'a, C, K> {
             self.sent.clear();
             self.opaque = !K::continuable(&self.body);
             self.id = None;
+            self.item = None;
+            self.sequence = None;
             self.deployments.clear();
             Joining::Direct
         } else if self.opaque {

@@ -9,6 +9,7 @@
 //! table that is slow or down costs at most its time limit, and decisions fall back on what this
 //! environment knows: counted in a metric, logged once a minute.
 
+use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
 use std::time::{Duration, Instant, UNIX_EPOCH};
 
@@ -55,10 +56,35 @@ impl Link {
     }
 }
 
+/// Stored responses this environment remembers the deployment of, at most this many (the
+/// oldest forgotten first; the fleet's table remembers them all).
+const MAX_PINS: usize = 10_000;
+
+/// Which deployment holds each stored response this environment has seen.
+#[derive(Default)]
+struct Pins {
+    holders: HashMap<String, usize>,
+    order: VecDeque<String>,
+}
+
+impl Pins {
+    fn insert(&mut self, id: &str, index: usize) {
+        if self.holders.insert(id.to_owned(), index).is_none() {
+            self.order.push_back(id.to_owned());
+            while self.order.len() > MAX_PINS {
+                if let Some(old) = self.order.pop_front() {
+                    self.holders.remove(&old);
+                }
+            }
+        }
+    }
+}
+
 /// What this environment knows about each deployment, and what it shares with the fleet.
 pub struct FleetSync<C: Clock> {
     health: HealthTable,
     link: Option<Link>,
+    pins: Mutex<Pins>,
     clock: C,
     /// The fleet's failure count that opens a circuit, and for how long.
     failures: u32,
@@ -116,6 +142,7 @@ impl<C: Clock> FleetSync<C> {
         Self {
             health,
             link,
+            pins: Mutex::default(),
             clock,
             failures: settings.breaker.failures,
             open_for: settings.breaker.open_for,
@@ -162,6 +189,82 @@ impl<C: Clock> FleetSync<C> {
     pub fn record(&self, index: usize, event: Event, now: Instant, writes: &mut Writes) {
         let change = self.health.record(index, event, now);
         self.publish(index, change, now, writes);
+    }
+
+    fn lock_pins(&self) -> std::sync::MutexGuard<'_, Pins> {
+        // Plain data: a panic elsewhere cannot leave it half-written.
+        self.pins.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Stored response `id` lives on deployment `index`: remembered here and told to the fleet
+    /// (within the table's time limit: a follow-up from another environment that finds no
+    /// record looks the response up instead).
+    pub async fn pin(&self, id: &str, index: usize) {
+        self.lock_pins().insert(id, index);
+        let Some(link) = &self.link else {
+            return;
+        };
+        let started = self.clock.now();
+        let now = self.epoch_ms(started);
+        let write = link.fleet.pin(id, &link.keys[index], now);
+        let written = self.clock.timeout(link.limit, write).await;
+        let ms = millis(self.clock.now() - started);
+        match written {
+            Some(Ok(())) => telemetry::health_table(TableOp::Pin, TableOutcome::Ok, ms),
+            Some(Err(error)) => self.unavailable(link, TableOp::Pin, &error.to_string(), ms),
+            None => self.timed_out(link, TableOp::Pin, ms),
+        }
+    }
+
+    /// The deployment that holds stored response `id`, if this environment or the fleet knows.
+    pub async fn holder(&self, id: &str) -> Option<usize> {
+        let known = self.lock_pins().holders.get(id).copied();
+        if known.is_some() {
+            return known;
+        }
+        let link = self.link.as_ref()?;
+        let started = self.clock.now();
+        let read = self.clock.timeout(link.limit, link.fleet.holder(id)).await;
+        let ms = millis(self.clock.now() - started);
+        let key = match read {
+            Some(Ok(key)) => {
+                telemetry::health_table(TableOp::Holder, TableOutcome::Ok, ms);
+                key?
+            }
+            Some(Err(error)) => {
+                self.unavailable(link, TableOp::Holder, &error.to_string(), ms);
+                return None;
+            }
+            None => {
+                self.timed_out(link, TableOp::Holder, ms);
+                return None;
+            }
+        };
+        // Another function's deployment, not in this pool: looked up like an unknown id.
+        let index = link.keys.iter().position(|k| *k == key)?;
+        self.lock_pins().insert(id, index);
+        Some(index)
+    }
+
+    /// Stored response `id` is gone.
+    pub async fn unpin(&self, id: &str) {
+        {
+            let mut pins = self.lock_pins();
+            if pins.holders.remove(id).is_some() {
+                pins.order.retain(|known| known != id);
+            }
+        }
+        let Some(link) = &self.link else {
+            return;
+        };
+        let started = self.clock.now();
+        let deleted = self.clock.timeout(link.limit, link.fleet.unpin(id)).await;
+        let ms = millis(self.clock.now() - started);
+        match deleted {
+            Some(Ok(())) => telemetry::health_table(TableOp::Unpin, TableOutcome::Ok, ms),
+            Some(Err(error)) => self.unavailable(link, TableOp::Unpin, &error.to_string(), ms),
+            None => self.timed_out(link, TableOp::Unpin, ms),
+        }
     }
 
     /// The epoch time (ms) of `at`, a moment on this environment's clock.

@@ -109,6 +109,9 @@ impl Streaming for Chat {
             finish,
             opaque,
             usage,
+            item: None,
+            sequence: None,
+            closing: false,
         })
     }
 
@@ -294,7 +297,7 @@ mod tests {
         let edit = Edit {
             id: Some("first"),
             text: Some("Tell"),
-            usage: None,
+            ..Edit::default()
         };
         let out: Value = serde_json::from_str(&Chat::rewrite(&chunk, edit)).unwrap();
         assert_eq!(out["id"], "first");

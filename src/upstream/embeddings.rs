@@ -33,6 +33,7 @@ impl Kind for Embeddings {
         match serde_json::from_slice::<Wire>(&body) {
             Ok(wire) if !wire.data.is_empty() => Ok(Document {
                 tokens: total_tokens(wire.usage.as_ref()),
+                id: None,
                 raw: body,
             }),
             _ => Err(Failure::Transient(Transient::BadResponse)),

@@ -55,6 +55,13 @@ pub struct Chunk {
     pub opaque: bool,
     /// Its `usage` object, when it has one.
     pub usage: Option<Value>,
+    /// The output item it belongs to (Responses' `item_id`), when it says.
+    pub item: Option<String>,
+    /// Its `sequence_number`, for kinds whose events are numbered (Responses).
+    pub sequence: Option<u64>,
+    /// It closes a part of the answer and repeats its text (Responses' `*.done` events): a
+    /// resumed stream's are relayed, with the whole answer's text.
+    pub closing: bool,
 }
 
 /// What reading the next event came to.

@@ -105,6 +105,7 @@ pub async fn stream(data: &[u8]) {
                         id: Some("chatcmpl-fuzz"),
                         text: Some("trimmed"),
                         usage: chunk.usage.as_ref(),
+                        ..Edit::default()
                     },
                 );
                 if let Some(usage) = &chunk.usage {

@@ -1,5 +1,5 @@
 //! The seam between kinds of call. What one kind does its own way is one implementation of
-//! these traits, in its own file (`chat.rs`, `embeddings.rs`): where a deployment takes it, what `model` the body
+//! these traits, in its own file (`chat.rs`, `embeddings.rs`, `responses.rs`): where a deployment takes it, what `model` the body
 //! carries, how a whole answer is read and how many tokens it used, how its stream's events are
 //! told apart, and how a stream cut after its first content is continued elsewhere. The failover
 //! loop, the relay and the upstream client are written once, for every kind.
@@ -19,10 +19,12 @@ pub enum KindId {
     Chat,
     /// `embeddings`.
     Embeddings,
+    /// `responses` (and the stored responses under it).
+    Responses,
 }
 
 impl KindId {
-    pub const ALL: [KindId; 2] = [KindId::Chat, KindId::Embeddings];
+    pub const ALL: [KindId; 3] = [KindId::Chat, KindId::Embeddings, KindId::Responses];
 
     /// Its slot in per-kind tables.
     pub fn slot(self) -> usize {
@@ -53,12 +55,17 @@ pub trait Kind: Send + Sync + 'static {
     fn tokens(answer: &Self::Answer) -> Option<u64>;
 }
 
-/// What a relay asks of a chunk it passes on: its id, text or usage replaced.
+/// What a relay asks of a chunk it passes on: its id, text or usage replaced; for kinds whose
+/// events carry them, the item it belongs to, its sequence number, and the whole answer's text
+/// where the event repeats it (a Responses `*.done` event).
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Edit<'a> {
     pub id: Option<&'a str>,
     pub text: Option<&'a str>,
     pub usage: Option<&'a Value>,
+    pub item: Option<&'a str>,
+    pub sequence: Option<u64>,
+    pub whole: Option<&'a str>,
 }
 
 /// What broken streams spent before the stream that finished an answer took over.
@@ -89,4 +96,15 @@ pub trait Streaming: Kind {
     /// The usage of a stream that finished an answer others began, with an estimate of what the
     /// broken ones used added.
     fn usage(usage: &Value, spent: Spent) -> Value;
+
+    /// One event's data on the wire to the caller.
+    fn frame(data: &str) -> Bytes {
+        crate::sse::event(data)
+    }
+
+    /// Whether the answer to `body` is stored where it was made, so that the fleet must
+    /// remember where (its id, as the stream gives it).
+    fn pins(_body: &JsonBody) -> bool {
+        false
+    }
 }

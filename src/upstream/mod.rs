@@ -1,31 +1,33 @@
 //! The upstream client: the only code that knows reqwest and Azure OpenAI's wire format. It
 //! builds each deployment's requests once, makes one call when asked, and reads the answer into
 //! a typed [`Called`]. It never retries and never sleeps; routing decides what happens next.
-//! What differs between kinds of call is in one file per kind (`chat.rs`, `embeddings.rs`), behind the traits
-//! of `kind.rs`.
+//! What differs between kinds of call is in one file per kind (`chat.rs`, `embeddings.rs`,
+//! `responses.rs`), behind the traits of `kind.rs`.
 
 mod chat;
 mod embeddings;
 mod events;
 pub(crate) mod fuzz;
 mod kind;
+mod responses;
 mod wire;
 
 use std::time::{Duration, SystemTime};
 
 use reqwest::header::{AUTHORIZATION, CONTENT_TYPE, HeaderName, HeaderValue};
-use reqwest::{Client, RequestBuilder, Response};
+use reqwest::{Client, Method, RequestBuilder, Response};
 use serde_json::Value;
 
 use crate::clock::Clock;
 use crate::net::Http;
-use crate::outcome::{Called, Failure, JsonBody, Quota, Transient};
+use crate::outcome::{Called, Document, Failure, JsonBody, Quota, Transient};
 use crate::pool::{ApiStyle, Deployment, Pool};
 
 pub use chat::Chat;
 pub use embeddings::Embeddings;
 pub use events::{Chunk, EventStream, Next, Opened, StreamEvent};
 pub use kind::{Edit, Kind, KindId, Spent, Streaming};
+pub use responses::{Responses, Stored, StoredOp, is_response_id, stores};
 use wire::{classify, quota};
 
 /// Where and how to call one deployment, prepared once at cold start.
@@ -50,6 +52,7 @@ fn prepare(id: KindId, d: &Deployment) -> (Option<reqwest::Url>, Option<String>)
     match id {
         KindId::Chat => of::<Chat>(d),
         KindId::Embeddings => of::<Embeddings>(d),
+        KindId::Responses => of::<Responses>(d),
     }
 }
 
@@ -128,20 +131,45 @@ impl Upstream {
         body: &JsonBody,
         timeout: Duration,
     ) -> Called<K::Answer> {
-        let Some(request) = self.request::<K>(index, body) else {
+        match self.request::<K>(index, body) {
+            Some(request) => whole::<K>(clock, request, timeout).await,
+            None => Called::failed(Failure::Transient(Transient::Connect)),
+        }
+    }
+
+    /// One call `op` on the response `id` stored at deployment `index` (an id checked by
+    /// [`is_response_id`]), the caller's `query` passed on, bounded by `timeout`.
+    pub async fn stored(
+        &self,
+        clock: &impl Clock,
+        index: usize,
+        op: StoredOp,
+        id: &str,
+        query: Option<&str>,
+        timeout: Duration,
+    ) -> Called<Document> {
+        let Some(target) = self.targets.get(index) else {
             return Called::failed(Failure::Transient(Transient::Connect));
         };
-        let now = clock.wall();
-        let call = async {
-            match request.send().await {
-                Ok(response) => read::<K>(response, now).await,
-                Err(e) => Called::failed(Failure::Transient(transport_failure(&e))),
-            }
+        let Some(mut url) = target.urls.get(KindId::Responses.slot()).cloned().flatten() else {
+            return Called::failed(Failure::Transient(Transient::Connect));
         };
-        clock
-            .timeout(timeout, call)
-            .await
-            .unwrap_or_else(|| Called::failed(Failure::Transient(Transient::Timeout)))
+        if let Ok(mut path) = url.path_segments_mut() {
+            path.push(id);
+            if op == StoredOp::InputItems {
+                path.push("input_items");
+            }
+        }
+        url.set_query(query.filter(|q| !q.is_empty()));
+        let method = match op {
+            StoredOp::Delete => Method::DELETE,
+            StoredOp::Get | StoredOp::InputItems => Method::GET,
+        };
+        let mut request = self.client.request(method, url);
+        if let Some((name, value)) = &target.auth {
+            request = request.header(name, value.clone());
+        }
+        whole::<Stored>(clock, request, timeout).await
     }
 
     /// One streaming call of kind `K` to deployment `index`, read up to its first content, which
@@ -204,6 +232,26 @@ impl Upstream {
             result,
         }
     }
+}
+
+/// Sends `request` and reads its whole answer as kind `K`, within `timeout` from start to the
+/// last body byte.
+async fn whole<K: Kind>(
+    clock: &impl Clock,
+    request: RequestBuilder,
+    timeout: Duration,
+) -> Called<K::Answer> {
+    let now = clock.wall();
+    let call = async {
+        match request.send().await {
+            Ok(response) => read::<K>(response, now).await,
+            Err(e) => Called::failed(Failure::Transient(transport_failure(&e))),
+        }
+    };
+    clock
+        .timeout(timeout, call)
+        .await
+        .unwrap_or_else(|| Called::failed(Failure::Transient(Transient::Timeout)))
 }
 
 /// Reads a whole answer and classifies it.

@@ -225,6 +225,11 @@ pub fn http_api_get(query: Option<&str>) -> String {
 
 /// An HTTP API payload v2 event for `POST path` (an optional `?query` included) with `body`.
 pub fn http_api_post(path: &str, body: &str) -> String {
+    http_api_request("POST", path, Some(body))
+}
+
+/// An HTTP API (v2) event for `method path` (with its query), with `body` when given.
+pub fn http_api_request(method: &str, path: &str, body: Option<&str>) -> String {
     let (path, query) = path.split_once('?').unwrap_or((path, ""));
     json!({
         "version": "2.0",
@@ -235,7 +240,7 @@ pub fn http_api_post(path: &str, body: &str) -> String {
         "requestContext": {
             "accountId": "123456789012", "apiId": "a1b2c3d4e5",
             "domainName": "a1b2c3d4e5.execute-api.us-east-1.amazonaws.com", "domainPrefix": "a1b2c3d4e5",
-            "http": {"method": "POST", "path": path, "protocol": "HTTP/1.1", "sourceIp": "203.0.113.10", "userAgent": "test"},
+            "http": {"method": method, "path": path, "protocol": "HTTP/1.1", "sourceIp": "203.0.113.10", "userAgent": "test"},
             "requestId": "test", "routeKey": "$default", "stage": "$default",
             "time": "24/Nov/2026:14:31:07 +0000", "timeEpoch": 1795530667123u64
         },

@@ -191,14 +191,14 @@ fn a_route_that_mixes_embedding_models_or_dimensions_is_refused_at_cold_start() 
         ("FALLBACK_POOL", pool.as_str()),
         ("AZURE_OPENAI_API_KEY", "k"),
     ];
-    let error = Config::from_lookup(|k| {
+    let Err(error) = Config::from_lookup(|k| {
         vars.iter()
             .find(|(name, _)| *name == k)
             .map(|(_, v)| v.to_string())
-    })
-    .err()
-    .expect("refused")
-    .to_string();
+    }) else {
+        panic!("a route mixing embedding models is refused");
+    };
+    let error = error.to_string();
     assert!(error.contains("routes.vectors mixes \"small\""), "{error}");
     assert!(
         error.contains(

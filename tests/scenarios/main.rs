@@ -18,6 +18,7 @@ mod fallback;
 mod fleet;
 mod openai;
 mod policy;
+mod responses;
 mod routing;
 mod secrets;
 mod streaming;

@@ -41,6 +41,9 @@ pub enum Behavior {
     /// Streamed: the opening events and `after` content chunks, then silence with the connection
     /// open (until the client goes away or the emulator stops).
     StreamStall { after: usize },
+    /// Streamed: the opening events and `after` content chunks, then the deployment's own
+    /// error event (chat: `{"error": ...}`; Responses: an `error` event), and the body ends.
+    StreamError { after: usize },
     /// Streamed: a full stream with a malformed event and a valid non-chunk event
     /// (`{"unexpected":true}`) right before content chunk `at` (0-based; past the end: before the
     /// finish chunk).
@@ -145,6 +148,7 @@ impl FromStr for Behavior {
             "output-filtered" => plain(Behavior::OutputFiltered),
             "stream-cut" => Ok(Behavior::StreamCut { after: count()? }),
             "stream-stall" => Ok(Behavior::StreamStall { after: count()? }),
+            "stream-error" => Ok(Behavior::StreamError { after: count()? }),
             "stream-corrupt" => Ok(Behavior::StreamCorrupt { at: count()? }),
             "stream-no-done" => plain(Behavior::StreamNoDone),
             "stream-slow-start" => Ok(Behavior::StreamSlowStart { ms: num()? }),
@@ -202,6 +206,7 @@ impl fmt::Display for Behavior {
             Behavior::OutputFiltered => f.write_str("output-filtered"),
             Behavior::StreamCut { after } => write!(f, "stream-cut:{after}"),
             Behavior::StreamStall { after } => write!(f, "stream-stall:{after}"),
+            Behavior::StreamError { after } => write!(f, "stream-error:{after}"),
             Behavior::StreamCorrupt { at } => write!(f, "stream-corrupt:{at}"),
             Behavior::StreamNoDone => f.write_str("stream-no-done"),
             Behavior::StreamSlowStart { ms } => write!(f, "stream-slow-start:{ms}"),

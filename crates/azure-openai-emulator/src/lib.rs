@@ -66,6 +66,7 @@
 mod behavior;
 pub mod chaos;
 mod embeddings;
+mod responses;
 mod server;
 mod tls;
 mod wire;
@@ -192,6 +193,17 @@ impl Emulator {
     }
 
     /// Calls received on the chat-completions routes, for any deployment or none.
+    /// Calls on stored responses (`GET`/`DELETE /openai/v1/responses/{id}`, `input_items`),
+    /// which name no deployment.
+    pub fn stored_calls(&self) -> usize {
+        self.shared.lock().stored_calls
+    }
+
+    /// Whether this resource stores response `id`.
+    pub fn has_response(&self, id: &str) -> bool {
+        self.shared.stored(id).is_some()
+    }
+
     pub fn total_calls(&self) -> usize {
         self.shared.lock().total_calls
     }
@@ -347,6 +359,10 @@ pub(crate) struct Shared {
 struct StateInner {
     deployments: HashMap<String, DeploymentState>,
     total_calls: usize,
+    /// The resource's stored responses (the Responses API keeps them per resource).
+    responses: HashMap<String, responses::StoredResponse>,
+    /// Calls on stored responses (`GET`, `DELETE`, `input_items`).
+    stored_calls: usize,
 }
 
 impl StateInner {
@@ -429,6 +445,24 @@ impl Shared {
             d.calls += 1;
             d.requests.push(request);
         }
+    }
+
+    /// Stored response `id`, when this resource has it.
+    pub(crate) fn stored(&self, id: &str) -> Option<responses::StoredResponse> {
+        self.lock().responses.get(id).cloned()
+    }
+
+    pub(crate) fn store(&self, id: String, response: responses::StoredResponse) {
+        self.lock().responses.insert(id, response);
+    }
+
+    /// Removes stored response `id`; whether there was one.
+    pub(crate) fn forget(&self, id: &str) -> bool {
+        self.lock().responses.remove(id).is_some()
+    }
+
+    pub(crate) fn count_stored_call(&self) {
+        self.lock().stored_calls += 1;
     }
 
     pub(crate) fn is_registered(&self, deployment: &str) -> bool {

@@ -27,6 +27,7 @@ const USAGE: &str = "usage: azure-openai-emulator [--host 127.0.0.1] [--port 808
   stream failures (\"stream\": true requests only; other requests get healthy answers):
             stream-cut:<chunks>      <chunks> content chunks, then a TCP reset, no [DONE]
             stream-stall:<chunks>    <chunks> content chunks, then silence, connection open
+            stream-error:<chunks>    <chunks> content chunks, then the deployment's error event
             stream-corrupt:<index>   a malformed event before content chunk <index>, then the rest
             stream-no-done           a complete stream that ends without data: [DONE]
             stream-slow-start:<ms>   the first event at once, the role chunk <ms> later

@@ -14,7 +14,7 @@ use axum::extract::{Extension, Path, State};
 use axum::http::header::{AUTHORIZATION, CONTENT_TYPE};
 use axum::http::{HeaderMap, HeaderValue, Request, StatusCode, Uri};
 use axum::response::Response;
-use axum::routing::post;
+use axum::routing::{get, post};
 use hyper::body::{Frame, Incoming};
 use hyper_util::rt::TokioIo;
 use serde_json::Value;
@@ -26,6 +26,7 @@ use tokio_rustls::TlsAcceptor;
 use tower_service::Service;
 
 use crate::behavior::Behavior;
+use crate::responses;
 use crate::wire::{self, Completion, Conversation, Reply, StreamEvents};
 use crate::{Plan, RecordedRequest, Shared};
 
@@ -47,6 +48,20 @@ pub(crate) fn router(shared: Arc<Shared>) -> Router {
         .route(
             "/openai/v1/embeddings",
             post(v1_embeddings).fallback(not_found),
+        )
+        .route(
+            "/openai/v1/responses",
+            post(create_response).fallback(not_found),
+        )
+        .route(
+            "/openai/v1/responses/{id}",
+            get(get_response)
+                .delete(delete_response)
+                .fallback(not_found),
+        )
+        .route(
+            "/openai/v1/responses/{id}/input_items",
+            get(response_input_items).fallback(not_found),
         )
         .fallback(not_found)
         .with_state(shared)
@@ -174,6 +189,164 @@ async fn v1_embeddings(
     body: Bytes,
 ) -> Response {
     embeddings(&shared, None, &uri, &headers, &body, &conn).await
+}
+
+async fn create_response(
+    State(shared): State<Arc<Shared>>,
+    uri: Uri,
+    headers: HeaderMap,
+    Extension(conn): Extension<ConnHandle>,
+    body: Bytes,
+) -> Response {
+    let check = |body: Option<&Value>| responses::check(body, |id| shared.stored(id).is_some());
+    let admitted = match admit(&shared, None, &uri, &headers, &body, &conn, check).await {
+        Ok(admitted) => admitted,
+        Err(response) => return response,
+    };
+    let Admitted {
+        deployment,
+        body,
+        plan,
+        label,
+    } = admitted;
+    let body = body.unwrap_or(Value::Null);
+    let history = body
+        .get("previous_response_id")
+        .and_then(Value::as_str)
+        .and_then(|id| shared.stored(id))
+        .map(|stored| stored.history)
+        .unwrap_or_default();
+    let overlap = match plan.behavior {
+        Behavior::ContinueOverlap { words } => words,
+        _ => 0,
+    };
+    let made = responses::make(
+        &deployment,
+        &plan.model,
+        &body,
+        history,
+        &shared.deployments(),
+        overlap,
+    );
+    if !plan.latency.is_zero() {
+        tokio::time::sleep(plan.latency).await;
+    }
+    // Stored as soon as it is made: Azure keeps even a response whose stream broke.
+    if responses::Made::stored(&body) {
+        shared.store(made.id.clone(), made.keep());
+    }
+    if body.get("stream") == Some(&TRUE) {
+        shared.log(&deployment, &label, "200 stream");
+        return response_stream(made.events(), &plan, conn.clone());
+    }
+    finish(&shared, &deployment, &label, made.reply())
+}
+
+async fn get_response(
+    State(shared): State<Arc<Shared>>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    stored_call(&shared, responses::StoredOp::Get, &id, &headers)
+}
+
+async fn delete_response(
+    State(shared): State<Arc<Shared>>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    stored_call(&shared, responses::StoredOp::Delete, &id, &headers)
+}
+
+async fn response_input_items(
+    State(shared): State<Arc<Shared>>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    stored_call(&shared, responses::StoredOp::InputItems, &id, &headers)
+}
+
+/// A call on a stored response: the resource's, whatever deployment made it (no behaviour).
+fn stored_call(
+    shared: &Shared,
+    op: responses::StoredOp,
+    id: &str,
+    headers: &HeaderMap,
+) -> Response {
+    shared.count_stored_call();
+    if !authorized(headers, &shared.api_key) {
+        return finish(shared, "-", "bad-key", wire::unauthorized());
+    }
+    let stored = shared.stored(id);
+    if op == responses::StoredOp::Delete && stored.is_some() {
+        shared.forget(id);
+    }
+    let reply = responses::stored_reply(op, id, stored);
+    finish(shared, "-", &format!("{op:?} {id}"), reply)
+}
+
+/// A Responses stream acting out the plan's behaviour.
+fn response_stream(events: responses::ResponseEvents, plan: &Plan, conn: ConnHandle) -> Response {
+    let (tx, rx) = mpsc::channel(1);
+    let out = Events {
+        tx,
+        delay: plan.chunk_delay,
+        started: false,
+    };
+    tokio::spawn(produce_response(out, events, plan.behavior.clone(), conn));
+    let headers = vec![("cache-control", "no-cache".to_owned())];
+    with_headers(
+        StatusCode::OK,
+        headers,
+        Body::new(EventBody(rx)),
+        "text/event-stream",
+    )
+}
+
+async fn produce_response(
+    mut out: Events,
+    events: responses::ResponseEvents,
+    behavior: Behavior,
+    conn: ConnHandle,
+) -> Option<()> {
+    for event in events.preamble {
+        out.send(event).await?;
+    }
+    if let Behavior::StreamSlowStart { ms } = behavior {
+        out.pause(Duration::from_millis(ms)).await?;
+    }
+    let count = events.deltas.len();
+    let stop = match behavior {
+        Behavior::StreamCut { after }
+        | Behavior::StreamStall { after }
+        | Behavior::StreamError { after } => after.min(count),
+        _ => count,
+    };
+    for delta in events.deltas.into_iter().take(stop) {
+        out.send(delta).await?;
+    }
+    match behavior {
+        Behavior::StreamCut { .. } => {
+            drop(out.tx.reserve().await.ok()?);
+            out.pause(Duration::from_millis(50)).await?;
+            conn.0.notify_one();
+            out.tx.closed().await;
+            return None;
+        }
+        Behavior::StreamStall { .. } => {
+            out.tx.closed().await;
+            return None;
+        }
+        Behavior::StreamError { .. } => {
+            out.send(events.error).await?;
+            return Some(());
+        }
+        _ => {}
+    }
+    for event in events.closing {
+        out.send(event).await?;
+    }
+    Some(())
 }
 
 /// A call that got past what every operation checks first, with its behaviour drawn.
@@ -456,7 +629,9 @@ async fn produce(
     out.send(events.role).await?;
     let count = events.content.len();
     let stop = match behavior {
-        Behavior::StreamCut { after } | Behavior::StreamStall { after } => after.min(count),
+        Behavior::StreamCut { after }
+        | Behavior::StreamStall { after }
+        | Behavior::StreamError { after } => after.min(count),
         _ => count,
     };
     for (i, chunk) in events.content.into_iter().enumerate().take(stop) {
@@ -481,6 +656,10 @@ async fn produce(
         Behavior::StreamStall { .. } => {
             out.tx.closed().await;
             return None;
+        }
+        Behavior::StreamError { .. } => {
+            out.send(wire::STREAM_ERROR_EVENT).await?;
+            return Some(());
         }
         Behavior::StreamCorrupt { at } if at >= count => out.send_corrupt().await?,
         _ => {}

@@ -116,7 +116,12 @@ impl Conversation {
 
     /// The text of `deployment`'s answer: its canonical answer, or the rest of the answer the
     /// partial one began (first repeating its last `overlap` words, as models sometimes do).
-    fn answer(&self, deployment: &str, deployments: &[String], overlap: usize) -> String {
+    pub(crate) fn answer(
+        &self,
+        deployment: &str,
+        deployments: &[String],
+        overlap: usize,
+    ) -> String {
         let Some(partial) = &self.partial else {
             return canonical(deployment, &self.question);
         };
@@ -308,6 +313,9 @@ pub(crate) struct StreamEvents {
 
 pub(crate) const DONE: &str = "data: [DONE]\n\n";
 
+/// `StreamError`: the error event a deployment sends when it fails mid-answer.
+pub(crate) const STREAM_ERROR_EVENT: &str = "data: {\"error\":{\"message\":\"The server had an error while processing your request. Sorry about that!\",\"type\":\"server_error\",\"param\":null,\"code\":\"server_error\"}}\n\n";
+
 /// `StreamCorrupt`: an event that is not JSON, then one that is JSON but not a chunk.
 pub(crate) const CORRUPT_EVENTS: [&str; 2] = [
     "data: {\"choices\":[{\"delta\":{\"content\": BROKEN\n\n",
@@ -441,7 +449,7 @@ struct OpenAiError<'a> {
 }
 
 /// Text of a message `content`: a string, or the `text` parts of an array of parts.
-fn content_text(content: Option<&Value>) -> String {
+pub(crate) fn content_text(content: Option<&Value>) -> String {
     match content {
         Some(Value::String(s)) => s.clone(),
         Some(Value::Array(parts)) => parts
@@ -454,7 +462,7 @@ fn content_text(content: Option<&Value>) -> String {
 }
 
 /// `"a b  c"` -> `["a ", "b  ", "c"]`: each word with the whitespace after it.
-fn words_with_spaces(text: &str) -> Vec<&str> {
+pub(crate) fn words_with_spaces(text: &str) -> Vec<&str> {
     let mut words = Vec::new();
     let (mut start, mut after_space) = (0, false);
     for (i, c) in text.char_indices() {
@@ -468,7 +476,7 @@ fn words_with_spaces(text: &str) -> Vec<&str> {
     words
 }
 
-fn word_count(s: &str) -> u64 {
+pub(crate) fn word_count(s: &str) -> u64 {
     s.split_whitespace().count() as u64
 }
 
@@ -570,6 +578,7 @@ pub(crate) fn error_reply(behavior: &Behavior, api_version: Option<&str>) -> Opt
         | Behavior::ResetConnection
         | Behavior::StreamCut { .. }
         | Behavior::StreamStall { .. }
+        | Behavior::StreamError { .. }
         | Behavior::StreamCorrupt { .. }
         | Behavior::StreamNoDone
         | Behavior::StreamSlowStart { .. }
@@ -661,12 +670,12 @@ pub(crate) fn request_id() -> String {
 }
 
 /// Unpredictable enough for ids, without a rand dependency: std's randomly keyed hasher over a counter.
-fn random_u64() -> u64 {
+pub(crate) fn random_u64() -> u64 {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
     RandomState::new().hash_one(COUNTER.fetch_add(1, Ordering::Relaxed))
 }
 
-fn unix_now() -> u64 {
+pub(crate) fn unix_now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
