@@ -58,6 +58,7 @@ unit: $(VENV)/.pip
 e2e: $(VENV)/.pip
 	scripts/e2e.sh
 	scripts/e2e-fleet.sh
+	scripts/e2e-responses.sh
 
 # `sam build` as `sam deploy` runs it (cargo-lambda, arm64, both functions), in debug mode here:
 # the same build path in a minute instead of the release profile's four (LTO, one codegen unit);

@@ -447,6 +447,11 @@ impl Shared {
         }
     }
 
+    /// How `deployment` answers from now on (registering it if it was not).
+    pub(crate) fn set_behavior(&self, deployment: &str, behavior: Behavior) {
+        self.lock().entry(deployment).steady = Some(behavior);
+    }
+
     /// Stored response `id`, when this resource has it.
     pub(crate) fn stored(&self, id: &str) -> Option<responses::StoredResponse> {
         self.lock().responses.get(id).cloned()

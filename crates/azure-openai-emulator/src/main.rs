@@ -16,6 +16,8 @@ const USAGE: &str = "usage: azure-openai-emulator [--host 127.0.0.1] [--port 808
   --model: the model version deployment NAME reports (default: from its name, e.g. gpt-4o ->
             gpt-4o-2024-08-06); an embedding model's name (text-embedding-3-small, ...-large)
             sets the dimension of its vectors (1536, 3072) unless a request asks for another
+  while running: PUT /_emulator/deployments/NAME with a BEHAVIOR as the body (and the key)
+            changes how NAME answers, e.g. curl -X PUT -H 'api-key: emulator-key' -d healthy ...
   --chunk-delay-ms: pause between the events of streamed (\"stream\": true) answers, default 0
   --tls-ca-out: serve HTTPS (certificate for localhost, 127.0.0.1, ::1; ALPN http/1.1) signed by
             a test CA generated at start, whose certificate is written to PATH in PEM before

@@ -54,6 +54,10 @@ pub(crate) fn router(shared: Arc<Shared>) -> Router {
             post(create_response).fallback(not_found),
         )
         .route(
+            "/_emulator/deployments/{deployment}",
+            axum::routing::put(set_behavior).fallback(not_found),
+        )
+        .route(
             "/openai/v1/responses/{id}",
             get(get_response)
                 .delete(delete_response)
@@ -189,6 +193,30 @@ async fn v1_embeddings(
     body: Bytes,
 ) -> Response {
     embeddings(&shared, None, &uri, &headers, &body, &conn).await
+}
+
+/// `PUT /_emulator/deployments/{name}` with a behaviour (`healthy`, `throttled:7`, ...) as the
+/// body: how the deployment answers from now on. For scripts that drive a running emulator
+/// (`make emulator`, the e2e tests); the emulator's key is required.
+async fn set_behavior(
+    State(shared): State<Arc<Shared>>,
+    Path(deployment): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    if !authorized(&headers, &shared.api_key) {
+        return respond(wire::unauthorized());
+    }
+    let text = String::from_utf8_lossy(&body);
+    match text.trim().parse::<Behavior>() {
+        Ok(behavior) => {
+            shared.set_behavior(&deployment, behavior);
+            let mut response = Response::new(Body::empty());
+            *response.status_mut() = StatusCode::NO_CONTENT;
+            response
+        }
+        Err(e) => respond(wire::bad_request(&e.to_string(), "behavior")),
+    }
 }
 
 async fn create_response(
