@@ -78,7 +78,8 @@ long=$(python3 -c 'print("a" * 4001)')
 check "curl over-long query" 400 "$(curl -s "${AUTH[@]}" -o /dev/null -w '%{http_code}' "$BASE/?query=$long")"
 
 declare -A expected=([get-query]=200 [get-no-query]=400 [post-root]=405 [unknown-path]=404
-  [openai-chat]=200 [openai-chat-stream]=200 [azure-chat]=200 [openai-invalid-json]=400)
+  [openai-chat]=200 [openai-chat-stream]=200 [azure-chat]=200 [openai-invalid-json]=400
+  [openai-responses]=200 [openai-responses-stream]=200 [openai-response-get]=404 [openai-embeddings]=400)
 for source in rest-api http-api function-url alb; do
   for file in events/"$source"/*.json; do
     case=$(basename "$file" .json)
