@@ -9,9 +9,9 @@
 //! |------------|-----------------------------------------------|--------------------------------|
 //! | `event`    | a Lambda event (JSON: API Gateway, ALB, URL)  | lambda_http, then the handler  |
 //! | `request`  | a raw HTTP request (query, headers, body)     | the handler, both deliveries   |
-//! | `body`     | an OpenAI request body                        | continuation of a cut stream   |
-//! | `response` | an upstream answer (status, headers, body)    | error envelopes, Retry-After   |
-//! | `stream`   | an upstream event stream, in pieces           | SSE framing, chunk reading     |
+//! | `body`     | an OpenAI request body (chat, Responses)      | continuation of a cut stream   |
+//! | `response` | an upstream answer (status, headers, body)    | every kind's answer, errors    |
+//! | `stream`   | an upstream event stream, in pieces           | SSE, chat's and Responses' events |
 //! | `config`   | environment variables, one `NAME=value` a line | the pool, keys, every setting |
 
 use std::cell::RefCell;

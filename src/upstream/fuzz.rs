@@ -12,7 +12,7 @@ use crate::outcome::{Failure, JsonBody};
 use super::events::{EventStream, Next, first_content};
 use super::kind::{Edit, Spent, Streaming};
 use super::wire::{MAX_RETRY_AFTER, classify, quota, retry_after};
-use super::{Chat, StreamEvent};
+use super::{Chat, Embeddings, Responses, Stored, StreamEvent};
 
 /// A fixed "now" for HTTP-dates: fuzzing must be repeatable.
 fn now() -> SystemTime {
@@ -63,7 +63,16 @@ pub fn response(data: &[u8]) {
         "a Retry-After beyond the cap: {hint:?}"
     );
     let _ = quota(&headers);
-    match classify::<Chat>(status, &headers, Bytes::copy_from_slice(body), now()) {
+    // Every kind reads its answers its own way; errors alike.
+    let raw = Bytes::copy_from_slice(body);
+    for ok in [
+        classify::<Embeddings>(status, &headers, raw.clone(), now()).is_ok(),
+        classify::<Responses>(status, &headers, raw.clone(), now()).is_ok(),
+        classify::<Stored>(status, &headers, raw.clone(), now()).is_ok(),
+    ] {
+        assert!(!ok || status.is_success(), "an answer from a {status}");
+    }
+    match classify::<Chat>(status, &headers, raw, now()) {
         Ok(_) => assert!(status.is_success(), "an answer from a {status}"),
         Err(Failure::Throttled { retry_after }) => {
             assert_eq!(status.as_u16(), 429);
@@ -74,9 +83,14 @@ pub fn response(data: &[u8]) {
 }
 
 /// A streamed answer's body, delivered in pieces of the size the first byte gives (1 to 64), read
-/// to its end as the relay reads it: up to the first content, then every event, each chunk
-/// rewritten as a continuation would rewrite it.
+/// to its end as the relay reads it, by every kind that streams: up to the first content, then
+/// every event, each chunk rewritten as a continuation would rewrite it.
 pub async fn stream(data: &[u8]) {
+    stream_of::<Chat>(data).await;
+    stream_of::<Responses>(data).await;
+}
+
+async fn stream_of<K: Streaming>(data: &[u8]) {
     let Some((&size, body)) = data.split_first() else {
         return;
     };
@@ -90,7 +104,7 @@ pub async fn stream(data: &[u8]) {
         .body(reqwest::Body::wrap_stream(tokio_stream::iter(pieces)))
         .map(reqwest::Response::from);
     let Ok(response) = response else { return };
-    let events = EventStream::new(response, <Chat as Streaming>::event);
+    let events = EventStream::new(response, <K as Streaming>::event);
     let Ok(mut opened) = first_content(events).await else {
         return;
     };
@@ -99,17 +113,20 @@ pub async fn stream(data: &[u8]) {
     loop {
         for event in seen.drain(..) {
             if let StreamEvent::Chunk(chunk) = event {
-                let _ = Chat::rewrite(
+                let data = K::rewrite(
                     &chunk,
                     Edit {
                         id: Some("chatcmpl-fuzz"),
                         text: Some("trimmed"),
                         usage: chunk.usage.as_ref(),
-                        ..Edit::default()
+                        item: Some("msg_fuzz"),
+                        sequence: Some(7),
+                        whole: Some("the whole text"),
                     },
                 );
+                let _ = K::frame(&data);
                 if let Some(usage) = &chunk.usage {
-                    let _ = Chat::usage(
+                    let _ = K::usage(
                         usage,
                         Spent {
                             chunks: 3,
@@ -130,5 +147,8 @@ pub async fn stream(data: &[u8]) {
 pub fn continuation(body: &JsonBody, sent: &str) {
     if Chat::continuable(body) {
         let _ = Chat::continuation(body, sent, 7);
+    }
+    if Responses::continuable(body) {
+        let _ = Responses::continuation(body, sent, 7);
     }
 }
