@@ -393,10 +393,11 @@ def http_load(url, headers, body, concurrency, count, seconds, rate=0.0, warmup=
 
 
 def inprocess_load(mode, emulator, deployment, concurrency, count, seconds, rate, warmup, log, preexec=None,
-                   extra=(), with_cpu=False):
+                   extra=(), with_cpu=False, env_extra=None):
     """Runs bench/inprocess (the in-process driver) once; returns (results, seconds, peak RSS KiB of
-    the driver), and with `with_cpu` the CPU seconds the driver used as a fourth value."""
-    env = dict(os.environ, **function_env(emulator))
+    the driver), and with `with_cpu` the CPU seconds the driver used as a fourth value.
+    `env_extra` adds to (or overrides) the function's configuration."""
+    env = {**os.environ, **function_env(emulator), **(env_extra or {})}
     argv = ["timeout", "-k", "5", str(int(seconds + 180)), TARGET / "release/inprocess",
             "--mode", mode, "--concurrency", concurrency, "--requests", count,
             "--seconds", seconds, "--rate", rate, "--warmup", warmup,
@@ -757,6 +758,60 @@ def scenario1(report):
                         running.stop()
         finally:
             emulator.stop()
+
+
+# Every kind of call (`kinds`): the embedding deployments, one model on both.
+EMBEDDINGS = ("te3-east", "te3-west")
+KINDS_SECONDS = knob("BENCH_KINDS_SECONDS", 4.0)  # scenario 1, per kind and mode
+KINDS_S2_SECONDS = knob("BENCH_KINDS_S2_SECONDS", 10.0)  # scenario 2, per kind and mode
+
+
+def kinds(report):
+    """Scenarios 1 and 2 for every kind of call (chat completions, the Responses API,
+    embeddings): bench/inprocess through the handler against its direct calls (the floor), added
+    latency and upstream calls per answer. Scenario 1: both deployments healthy, 8 in flight.
+    Scenario 2: the primary throttled (Retry-After 7 s), one request at a time at S2_RATE a
+    second; the floor is direct calls to the healthy fallback."""
+    report["kinds"] = []
+    small = {"model": "text-embedding-3-small", "dimensions": 1536}
+    for operation in ("chat", "responses", "embeddings"):
+        embeds = operation == "embeddings"
+        names = EMBEDDINGS if embeds else DEPLOYMENTS
+        model = "text-embedding-3-small" if embeds else "gpt-4o"
+        extra = [a for d in EMBEDDINGS for a in ("--model", f"{d}=text-embedding-3-small")] if embeds else []
+        env = None
+        for number, behaviors in ((1, {n: "healthy" for n in names}),
+                                  (2, {names[0]: "throttled:7", names[1]: "healthy"})):
+            if embeds:
+                # GET /?query= needs a chat route, so the pool has one beside the embeddings'.
+                behaviors["gpt-4o"] = "healthy"
+            emulator = Emulator(f"kinds-{operation}-s{number}", behaviors, 0, extra=extra)
+            if embeds:
+                entries = [{"id": d, "endpoint": emulator.url, "deployment": d, "embeddings": small,
+                            "priority": i} for i, d in enumerate(EMBEDDINGS)]
+                entries.append({"id": "gpt-4o", "endpoint": emulator.url, "deployment": "gpt-4o"})
+                pool = {"deployments": entries, "default_route": "chat",
+                        "routes": {"chat": ["gpt-4o"], "text-embedding-3-small": list(EMBEDDINGS)}}
+                env = {"FALLBACK_POOL": json.dumps(pool), "AZURE_OPENAI_DEPLOYMENTS": ""}
+            try:
+                for mode in ("direct", "app"):
+                    deployment = names[1] if (number == 2 and mode == "direct") else names[0]
+                    concurrency, count, seconds, rate, warmup = (
+                        (8, S1_REQUESTS, KINDS_SECONDS, 0, S1_WARMUP) if number == 1
+                        else (1, 100_000, KINDS_S2_SECONDS, S2_RATE, 0))
+                    log(f"  every kind of call: {operation}, scenario {number}, {mode}")
+                    mark = emulator.mark()
+                    results, elapsed, rss = inprocess_load(
+                        mode, emulator, deployment, concurrency, count, seconds, rate, warmup,
+                        LOGS / f"inprocess-kinds-{operation}-s{number}-{mode}.log",
+                        extra=["--operation", operation, "--model", model], env_extra=env)
+                    # Scenario 1 warms up inside the driver: its calls are not counted.
+                    calls = emulator.calls_since(mark) if number == 2 else None
+                    row = summarize(results, elapsed, calls)
+                    row.update(operation=operation, scenario=number, mode=mode)
+                    report["kinds"].append(row)
+            finally:
+                emulator.stop()
 
 
 def scenario1_quota(report):
@@ -1211,7 +1266,8 @@ def main():
                         "QUOTA_ROUNDS": QUOTA_ROUNDS, "FLEET_ENVIRONMENTS": FLEET_ENVIRONMENTS,
                         "FLEET_RATE": FLEET_RATE, "LOAD_RATES": LOAD_RATES,
                         "LOAD_SECONDS": LOAD_SECONDS, "LOAD_LATENCY_MS": LOAD_LATENCY_MS,
-                        "LOAD_ENVIRONMENTS": LOAD_ENVIRONMENTS},
+                        "LOAD_ENVIRONMENTS": LOAD_ENVIRONMENTS, "KINDS_SECONDS": KINDS_SECONDS,
+                        "KINDS_S2_SECONDS": KINDS_S2_SECONDS},
               "systems": {s.key: {"name": s.name, "floor": s.floor, "note": s.note,
                                   "scenarios": list(s.scenarios), "alongside": list(s.alongside)}
                           for s in SYSTEMS},
@@ -1248,6 +1304,7 @@ def main():
           "gpt-35-turbo", 100_000, S2_SECONDS, S2_FLOOR_SECONDS, S2_RATE, True)
     phase("scenario 3", scenario_errors, 3, {"gpt-4o": "503", "gpt-35-turbo": "503"},
           "gpt-4o", S3_REQUESTS, S3_SECONDS, S3_SECONDS, 0.0, False)
+    phase("every kind of call", kinds)
     phase("fleet", fleet)
     phase("load", load_test)
     sizes(report)

@@ -213,6 +213,39 @@ def section(report, w, phase, title, logs):
     return results
 
 
+def kinds_section(report, w):
+    """Scenarios 1 and 2 for every kind of call, in-process against direct calls."""
+    rows = section(report, w, "kinds", "Every kind of call: chat completions, the Responses API, embeddings",
+                   "bench/logs/inprocess-kinds-*.log")
+    if not rows:
+        return
+    k = report["knobs"]
+    w("bench/inprocess drives the real handler with `POST /v1/chat/completions`, `POST /v1/responses` "
+      "(`store: false`) and `POST /v1/embeddings` (two inputs), and makes the same calls straight to the "
+      "emulator's deployment (the floor: `/openai/v1/responses`, `/openai/deployments/{d}/embeddings`). "
+      f"Scenario 1: both deployments healthy, answering at once, 8 in flight for {k.get('KINDS_SECONDS', 4):.0f} s "
+      f"after {k['S1_WARMUP']} warm-up requests. Scenario 2: the primary answers `429` with `Retry-After: 7`, one "
+      f"request at a time at most {k['S2_RATE']:.0f} a second for {k.get('KINDS_S2_SECONDS', 10):.0f} s; the floor "
+      "is direct calls to the healthy fallback. Upstream calls per answer counts every call the emulator saw.")
+    w("")
+    w("| Call | Scenario | n | direct p50 ms | direct p99 ms | in-process p50 ms | in-process p99 ms | added p50 | added p99 | calls per answer |")
+    w("|---|---|---|---|---|---|---|---|---|---|")
+    for operation in ("chat", "responses", "embeddings"):
+        for number in (1, 2):
+            by = {r["mode"]: r for r in rows if r["operation"] == operation and r["scenario"] == number}
+            d, a = by.get("direct"), by.get("app")
+            if not (d and a):
+                w(f"| {operation} | {number} | – | – | – | – | – | – | – | not run |")
+                continue
+            bad = a["n"] - a["answered"]
+            note = f" ({bad} not 200)" if bad else ""
+            cpa = a.get("calls_per_answer")
+            w(f"| {operation} | {number} | {a['n']}{note} | {ms(d['p50'])} | {ms(d['p99'])} | {ms(a['p50'])} | "
+              f"{ms(a['p99'])} | {added(a['p50'], d['p50'])} | {added(a['p99'], d['p99'])} | "
+              f"{f'{cpa:.3f}' if cpa is not None else '–'} |")
+    w("")
+
+
 def load_section(report, w):
     load = section(report, w, "load", "Load: open loop, rising rates", "bench/logs/")
     if not load:
@@ -692,6 +725,7 @@ def write(report):
     w("")
 
     quota_section(report, w)
+    kinds_section(report, w)
 
     # Scenario 2
     w("## Scenario 2: gpt-4o throttled, gpt-35-turbo healthy (the original app's situation)")

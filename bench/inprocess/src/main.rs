@@ -8,6 +8,9 @@
 //! response serialised to the JSON the runtime would post back. Latency is measured from event
 //! text to response text; there is no HTTP front.
 //!
+//! `--operation responses|embeddings` sends `POST /v1/responses` or `POST /v1/embeddings`
+//! instead (direct: `/openai/v1/responses`, `/openai/deployments/{d}/embeddings`).
+//!
 //! `--mode direct`: the same requests sent straight to the Azure OpenAI (emulator) deployment
 //! with a keep-alive `reqwest` client: the floor for the in-process figures.
 //!
@@ -33,7 +36,7 @@
 //! Usage: cargo run --release -p inprocess -- [--mode app|direct|http] [--concurrency 1]
 //!        [--requests 1000] [--seconds 10] [--warmup 20] [--rate 0] [--arrivals closed|open]
 //!        [--timeout 30] [--url URL --header 'name: value' ...]  (http mode)
-//!        [--model gpt-4o] [--client-key KEY]
+//!        [--model gpt-4o] [--client-key KEY] [--operation chat|responses|embeddings]
 //!        [--endpoint URL --deployment NAME --api-key KEY --api-version 2024-10-21]  (direct mode)
 //! App mode reads AZURE_OPENAI_ENDPOINT, AZURE_OPENAI_API_KEY, AZURE_OPENAI_DEPLOYMENTS,
 //! CLIENT_API_KEYS, ... from the environment, like the function itself.
@@ -69,6 +72,7 @@ struct Args {
     url: String,
     headers: Vec<(String, String)>,
     model: String,
+    operation: Operation,
     client_key: String,
     endpoint: String,
     deployment: String,
@@ -81,6 +85,55 @@ enum Mode {
     App,
     Direct,
     Http,
+}
+
+/// Which kind of call every request is.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Operation {
+    /// `POST /v1/chat/completions`; direct: the classic chat URL.
+    Chat,
+    /// `POST /v1/responses`; direct: `/openai/v1/responses`, the deployment as `model`.
+    Responses,
+    /// `POST /v1/embeddings`; direct: the classic embeddings URL.
+    Embeddings,
+}
+
+impl Operation {
+    /// The function's path, the body it is sent, and the URL and body of the direct call.
+    fn request(self, args: &Args) -> (&'static str, String, String, String) {
+        let endpoint = args.endpoint.trim_end_matches('/');
+        let (d, v) = (&args.deployment, &args.api_version);
+        match self {
+            Operation::Chat => (
+                "/v1/chat/completions",
+                chat_body(&args.model),
+                format!("{endpoint}/openai/deployments/{d}/chat/completions?api-version={v}"),
+                chat_body(&args.model),
+            ),
+            Operation::Responses => {
+                let body = |model: &str| {
+                    json!({"model": model, "input": "How do I reset my password?", "store": false})
+                        .to_string()
+                };
+                (
+                    "/v1/responses",
+                    body(&args.model),
+                    format!("{endpoint}/openai/v1/responses"),
+                    body(d),
+                )
+            }
+            Operation::Embeddings => {
+                let body = json!({"model": args.model, "input": ["How do I reset my password?", "Where is my order?"]})
+                    .to_string();
+                (
+                    "/v1/embeddings",
+                    body.clone(),
+                    format!("{endpoint}/openai/deployments/{d}/embeddings?api-version={v}"),
+                    body,
+                )
+            }
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -103,6 +156,7 @@ fn parse_args() -> Result<Args, String> {
         url: String::new(),
         headers: Vec::new(),
         model: "gpt-4o".into(),
+        operation: Operation::Chat,
         client_key: env("CLIENT_API_KEYS", "")
             .split(',')
             .next()
@@ -148,6 +202,18 @@ fn parse_args() -> Result<Args, String> {
             "--warmup" => a.warmup = num(&value)? as usize,
             "--rate" => a.rate = num(&value)?,
             "--model" => a.model = value,
+            "--operation" => {
+                a.operation = match value.as_str() {
+                    "chat" => Operation::Chat,
+                    "responses" => Operation::Responses,
+                    "embeddings" => Operation::Embeddings,
+                    _ => {
+                        return Err(format!(
+                            "--operation: chat, responses or embeddings, not {value:?}"
+                        ));
+                    }
+                }
+            }
             "--client-key" => a.client_key = value,
             "--endpoint" => a.endpoint = value,
             "--deployment" => a.deployment = value,
@@ -422,7 +488,7 @@ fn main() -> std::process::ExitCode {
 }
 
 async fn run(args: Args) -> std::process::ExitCode {
-    let body = chat_body(&args.model);
+    let (path, body, direct_url, direct_body) = args.operation.request(&args);
     let target = match args.mode {
         Mode::App => {
             // The function's logs as src/main.rs sets them up (JSON lines, with the harness's
@@ -440,6 +506,9 @@ async fn run(args: Args) -> std::process::ExitCode {
                 Err(_) => app,
             };
             let mut event: Value = serde_json::from_str(EVENT).expect("event template");
+            event["rawPath"] = Value::from(path);
+            event["requestContext"]["http"]["path"] = Value::from(path);
+            event["routeKey"] = Value::from(format!("POST {path}"));
             event["body"] = Value::String(body.clone());
             let headers = &mut event["headers"];
             headers["content-length"] = Value::String(body.len().to_string());
@@ -456,16 +525,11 @@ async fn run(args: Args) -> std::process::ExitCode {
                 .expect("an HTTP client")
                 .client()
                 .clone();
-            let (url, headers) = if args.mode == Mode::Http {
-                (args.url.clone(), args.headers.clone())
+            let (url, headers, body) = if args.mode == Mode::Http {
+                (args.url.clone(), args.headers.clone(), body)
             } else {
-                let url = format!(
-                    "{}/openai/deployments/{}/chat/completions?api-version={}",
-                    args.endpoint.trim_end_matches('/'),
-                    args.deployment,
-                    args.api_version
-                );
-                (url, vec![("api-key".to_owned(), args.api_key.clone())])
+                let headers = vec![("api-key".to_owned(), args.api_key.clone())];
+                (direct_url, headers, direct_body)
             };
             Target::Http {
                 client,
