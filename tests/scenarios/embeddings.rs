@@ -172,6 +172,12 @@ async fn bad_embedding_requests_get_a_clear_4xx_and_cost_nothing_upstream() {
         "{:?}",
         reply.body
     );
+    // A model no route serves, on the Responses API too (this pool names its routes).
+    let reply = h
+        .post("/v1/responses", &json!({"model": "nope", "input": "x"}))
+        .await;
+    assert_eq!(reply.status, 404);
+    assert_eq!(reply.body["error"]["code"], "model_not_found");
     assert_eq!(h.emulator.total_calls(), 0);
 }
 

@@ -337,6 +337,28 @@ async fn bad_responses_requests_get_a_clear_4xx_and_cost_nothing_upstream() {
     assert_eq!(h.emulator.total_calls() + west(&h).total_calls(), 0);
 }
 
+#[tokio::test]
+async fn the_responses_and_embeddings_payloads_replay_from_events() {
+    for source in ["http-api", "function-url"] {
+        let h = Harness::new().await;
+        for (case, status) in [
+            ("openai-responses", 200),
+            ("openai-responses-stream", 200),
+            // Looked up on the resource, which does not hold it.
+            ("openai-response-get", 404),
+            // This pool has no embedding deployments: the error says how to add them.
+            ("openai-embeddings", 400),
+        ] {
+            let reply = h
+                .invoke(&common::event(&format!("{source}/{case}.json")))
+                .await;
+            assert_eq!(reply.status, status, "{source}/{case}: {:?}", reply.body);
+        }
+        assert_eq!(h.emulator.total_calls(), 2, "{source}");
+        assert_eq!(h.emulator.stored_calls(), 1, "{source}");
+    }
+}
+
 fn streamed(input: &str, store: bool) -> Value {
     json!({"model": "gpt-4o", "input": input, "stream": true, "store": store})
 }
