@@ -9,8 +9,9 @@ deadline, no transport error, no unclean error). Writes bench/soak.json and benc
 Each mode (buffered, as behind API Gateway; streaming, as behind a Function URL with
 RESPONSE_STREAM) gets a fresh emulator with the same seeds, so both meet the same schedule of
 faults, and its own `cargo lambda watch` (plain, debug: what `make run` starts). The requests are
-a mix, in turn: `GET /?query=`, `POST /v1/chat/completions` buffered, and streamed. Every answer
-is checked whole: the emulator answers `[<deployment>] You said: <the question>`, so a 200 whose
+a mix, in turn: `GET /?query=`, `POST /v1/chat/completions` buffered and streamed, and
+`POST /v1/responses` (stateless: `store: false`) buffered and streamed. Every answer is checked
+whole: the emulator answers `[<deployment>] You said: <the question>`, so a 200 whose
 text is anything else (a cut stream passed off as complete, a continuation that lost or repeated
 words) is a truncated success.
 
@@ -60,7 +61,7 @@ DEADLINE_S = FUNCTION_SETTINGS["REQUEST_TIMEOUT_MS"] / 1000
 # deadline, before a request counts as late (measured: a few milliseconds; this is generous).
 SLACK_S = 0.25
 WORDS = "alpha bravo charlie delta echo foxtrot golf hotel india juliet kilo lima".split()
-KINDS = ("get", "chat", "chat-stream")
+KINDS = ("get", "chat", "chat-stream", "responses", "responses-stream")
 
 
 def question(i):
@@ -78,6 +79,10 @@ def classify_json(kind, status, body, q):
     if status == 200:
         if kind == "get":
             text, finish = body.get("chat_completion"), "stop"
+        elif kind.startswith("responses"):
+            output = (body.get("output") or [{}])[0]
+            text = ((output.get("content") or [{}])[0]).get("text")
+            finish = "stop" if body.get("status") == "completed" else body.get("status")
         else:
             choice = (body.get("choices") or [{}])[0]
             text, finish = (choice.get("message") or {}).get("content"), choice.get("finish_reason")
@@ -91,6 +96,42 @@ def classify_json(kind, status, body, q):
     if status in (429, 503, 504) and error:
         return "unavailable", str(status)
     return "unclean", f"{status}: {json.dumps(body)[:200]}"
+
+
+def classify_responses_stream(status, text, q):
+    """(outcome, detail) of a streamed response, read as the OpenAI SDK reads one: its deltas,
+    and `response.completed` (which carries the whole text) or an `error` event as its end."""
+    if status != 200:
+        try:
+            return classify_json("responses", status, json.loads(text), q)
+        except ValueError:
+            return "unclean", f"{status}: {text[:200]!r}"
+    deltas, completed, error = [], None, None
+    for line in text.splitlines():
+        if not line.startswith("data:"):
+            continue
+        try:
+            event = json.loads(line[5:].strip())
+        except ValueError:
+            return "unclean", f"malformed event passed on: {line[:120]!r}"
+        kind = event.get("type")
+        if error is not None or completed is not None:
+            return "unclean", f"{kind} after the stream's end"
+        if kind == "response.output_text.delta":
+            deltas.append(event.get("delta") or "")
+        elif kind == "response.completed":
+            completed = event.get("response") or {}
+        elif kind in ("error", "response.failed"):
+            error = event
+    answer = "".join(deltas)
+    if error is not None:
+        return "interrupted", str(error.get("code", "?"))
+    if completed is None:
+        return "truncated", f"ended without response.completed or an error event: {answer!r}"
+    final = ((completed.get("output") or [{}])[0].get("content") or [{}])[0].get("text")
+    if not whole(answer, q) or final != answer:
+        return "truncated", f"deltas {answer!r}, final text {final!r}"
+    return "answered", ""
 
 
 def classify_stream(status, text, q):
@@ -139,6 +180,11 @@ async def one(client, base, i):
     try:
         if kind == "get":
             response = await client.get(f"{base}/", params={"query": q}, headers=headers)
+        elif kind.startswith("responses"):
+            # Stateless (the whole history in the request): free to fail over and be continued.
+            body = {"model": "gpt-4o", "input": q, "store": False,
+                    "stream": kind == "responses-stream"}
+            response = await client.post(f"{base}/v1/responses", json=body, headers=headers)
         else:
             body = {"model": "gpt-4o", "messages": [{"role": "user", "content": q}],
                     "stream": kind == "chat-stream"}
@@ -151,6 +197,8 @@ async def one(client, base, i):
     text = raw.decode(errors="replace")
     if kind == "chat-stream":
         outcome, detail = classify_stream(response.status_code, text, q)
+    elif kind == "responses-stream":
+        outcome, detail = classify_responses_stream(response.status_code, text, q)
     else:
         try:
             outcome, detail = classify_json(kind, response.status_code, json.loads(text), q)
@@ -286,7 +334,8 @@ def markdown(report):
         "",
         f"{report['requests_per_mode']:,} requests per mode through `cargo lambda watch "
         f"--concurrency {report['concurrency']}` (debug build, {report['concurrency']} in flight), "
-        f"in turn `GET /?query=`, `/v1/chat/completions` buffered and streamed, while each of "
+        f"in turn `GET /?query=`, `/v1/chat/completions` and `/v1/responses` (`store: false`), each "
+        f"buffered and streamed, while each of "
         f"{len(DEPLOYMENTS)} deployments switches at random (seed {report['seed']}, healthy "
         f"{report['healthy_percent']}% of the time, phases of 0.5 to 3 s) between healthy, 429 with "
         "Retry-After, 500, 503, resets, hangs, cut, stalled and unfinished streams, malformed "
