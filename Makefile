@@ -13,7 +13,7 @@ export SAM_CLI_TELEMETRY := 0
 CARGO_DENY_VERSION := 0.20.2
 CARGO_DENY := $(VENV)/.cargo-deny-$(CARGO_DENY_VERSION)
 
-.PHONY: run test checks in-order build unit lint deny e2e template emulator bench soak fuzz clean
+.PHONY: run test checks in-order build unit lint deny e2e e2e-local e2e-fleet template emulator bench soak fuzz clean
 
 ## Start the function under `cargo lambda watch` on 127.0.0.1:9000 (emulated Azure unless configured).
 run: $(VENV)/.pip
@@ -34,11 +34,13 @@ test:
 	@$(MAKE) --no-print-directory -j3 checks
 
 # The Python tools install (mostly downloads) and cargo-deny compiles (niced: it takes the CPU
-# the tests leave idle) while the tests build; the tests, end-to-end and template checks run in
-# that order, one at a time, as their timings want the machine.
+# the tests leave idle) while the tests build. Then the tests run beside the end-to-end scripts
+# that mostly wait (on servers, on timers; each target's output kept together), and the fleet's
+# end-to-end run, which counts calls under load, and the template checks run alone.
 checks: deny in-order
 in-order: build $(VENV)/.pip
-	@$(MAKE) --no-print-directory -j1 unit e2e template
+	@$(MAKE) --no-print-directory -j2 --output-sync=target unit e2e-local
+	@$(MAKE) --no-print-directory -j1 e2e-fleet template
 build:
 	cargo test --workspace --all-targets --no-run
 
@@ -51,14 +53,17 @@ lint:
 deny: $(CARGO_DENY)
 	cargo deny --workspace check licenses bans sources
 
-# The secrets tests start moto's server from .venv.
+# The secrets tests start moto's server from .venv. Four test threads on two cores: the tests
+# mostly wait on timers and servers (the scenario tests take 18 s instead of 33, measured).
 unit: $(VENV)/.pip
-	cargo test --workspace
+	RUST_TEST_THREADS=$${RUST_TEST_THREADS:-4} cargo test --workspace
 
-e2e: $(VENV)/.pip
+e2e: e2e-local e2e-fleet
+e2e-local: $(VENV)/.pip
 	scripts/e2e.sh
-	scripts/e2e-fleet.sh
 	scripts/e2e-responses.sh
+e2e-fleet: $(VENV)/.pip
+	scripts/e2e-fleet.sh
 
 # `sam build` as `sam deploy` runs it (cargo-lambda, arm64, both functions), in debug mode here:
 # the same build path in a minute instead of the release profile's four (LTO, one codegen unit);
