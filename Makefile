@@ -55,15 +55,17 @@ deny: $(CARGO_DENY)
 
 # The secrets tests start moto's server from .venv. Four test threads on two cores: the tests
 # mostly wait on timers and servers (the scenario tests take 18 s instead of 33, measured).
+# MAKEFLAGS cleared: under `make -j` cargo would look for make's jobserver, which a plain recipe
+# does not get, and warn.
 unit: $(VENV)/.pip
-	RUST_TEST_THREADS=$${RUST_TEST_THREADS:-4} cargo test --workspace
+	MAKEFLAGS= RUST_TEST_THREADS=$${RUST_TEST_THREADS:-4} cargo test --workspace
 
 e2e: e2e-local e2e-fleet
 e2e-local: $(VENV)/.pip
-	scripts/e2e.sh
-	scripts/e2e-responses.sh
+	MAKEFLAGS= scripts/e2e.sh
+	MAKEFLAGS= scripts/e2e-responses.sh
 e2e-fleet: $(VENV)/.pip
-	scripts/e2e-fleet.sh
+	MAKEFLAGS= scripts/e2e-fleet.sh
 
 # `sam build` as `sam deploy` runs it (cargo-lambda, arm64, both functions), in debug mode here:
 # the same build path in a minute instead of the release profile's four (LTO, one codegen unit);

@@ -27,19 +27,7 @@ trap cleanup EXIT
 
 start_emulator "$EMULATOR_PORT" 600 --deployment gpt-4o=throttled:7 --deployment gpt-35-turbo=healthy \
   --latency-ms 200 >>"$LOG.emulator" 2>&1
-python scripts/moto_server.py -H 127.0.0.1 -p "$MOTO_PORT" >"$LOG.moto" 2>&1 &
-MOTO_PID=$!
-wait_for "http://127.0.0.1:$MOTO_PORT/" 60
-export AWS_ACCESS_KEY_ID=testing AWS_SECRET_ACCESS_KEY=testing AWS_REGION=us-east-1 AWS_DEFAULT_REGION=us-east-1
-python3 - "$MOTO_PORT" <<'PY'
-import sys, boto3
-ddb = boto3.client("dynamodb", endpoint_url=f"http://127.0.0.1:{sys.argv[1]}")
-ddb.create_table(TableName="fallback-chat-health", BillingMode="PAY_PER_REQUEST",
-                 AttributeDefinitions=[{"AttributeName": "pk", "AttributeType": "S"}],
-                 KeySchema=[{"AttributeName": "pk", "KeyType": "HASH"}])
-ddb.update_time_to_live(TableName="fallback-chat-health",
-                        TimeToLiveSpecification={"Enabled": True, "AttributeName": "expires_at"})
-PY
+start_moto_with_table "$MOTO_PORT" "$LOG.moto"
 
 KEY=fc-example-client-key-0000
 cat >"$ENV_FILE" <<EOF
@@ -59,14 +47,6 @@ setsid timeout 600 cargo lambda watch --invoke-address 127.0.0.1 --invoke-port "
 WATCH_PGID=$!
 wait_for_port "$PORT" 300
 
-passed=0 failed=0
-check() { # check NAME EXPECTED ACTUAL
-  if [[ "$2" == "$3" ]]; then
-    passed=$((passed + 1)); echo "ok   $1"
-  else
-    failed=$((failed + 1)); echo "FAIL $1: expected $2, got $3"
-  fi
-}
 gpt4o_calls() { grep -c 'deployment=gpt-4o ' "$LOG.emulator" || true; }
 
 # One environment meets the 429 and writes it to the table before its response returns.

@@ -30,17 +30,7 @@ EAST_PID=$EMULATOR_PID
 start_emulator "$WEST_PORT" 600 --deployment gpt-4o=healthy \
   --deployment te3-small=healthy --model te3-small=text-embedding-3-small >>"$LOG.west" 2>&1
 WEST_PID=$EMULATOR_PID
-python scripts/moto_server.py -H 127.0.0.1 -p "$MOTO_PORT" >"$LOG.moto" 2>&1 &
-MOTO_PID=$!
-wait_for "http://127.0.0.1:$MOTO_PORT/" 60
-export AWS_ACCESS_KEY_ID=testing AWS_SECRET_ACCESS_KEY=testing AWS_REGION=us-east-1 AWS_DEFAULT_REGION=us-east-1
-python3 - "$MOTO_PORT" <<'PY'
-import sys, boto3
-ddb = boto3.client("dynamodb", endpoint_url=f"http://127.0.0.1:{sys.argv[1]}")
-ddb.create_table(TableName="fallback-chat-health", BillingMode="PAY_PER_REQUEST",
-                 AttributeDefinitions=[{"AttributeName": "pk", "AttributeType": "S"}],
-                 KeySchema=[{"AttributeName": "pk", "KeyType": "HASH"}])
-PY
+start_moto_with_table "$MOTO_PORT" "$LOG.moto"
 
 KEY=fc-example-client-key-0000
 EAST=http://127.0.0.1:$EAST_PORT WEST=http://127.0.0.1:$WEST_PORT
@@ -70,14 +60,6 @@ setsid timeout 600 cargo lambda watch --invoke-address 127.0.0.1 --invoke-port "
 WATCH_PGID=$!
 wait_for_port "$PORT" 300
 
-passed=0 failed=0
-check() { # check NAME EXPECTED ACTUAL
-  if [[ "$2" == "$3" ]]; then
-    passed=$((passed + 1)); echo "ok   $1"
-  else
-    failed=$((failed + 1)); echo "FAIL $1: expected $2, got $3"
-  fi
-}
 
 if python tests/e2e/responses_clients.py "http://127.0.0.1:$PORT" "$KEY" "$EAST" "$WEST" "$LOG.east"; then
   result=ok

@@ -48,14 +48,6 @@ STREAM_BASE="http://127.0.0.1:$STREAM_PORT"
 if ! wait_for "$BASE/" 300; then cat "$LOG"; exit 1; fi
 if ! wait_for "$STREAM_BASE/" 300; then cat "$LOG.stream"; exit 1; fi
 
-passed=0 failed=0
-check() { # check NAME EXPECTED ACTUAL
-  if [[ "$2" == "$3" ]]; then
-    passed=$((passed + 1)); echo "ok   $1"
-  else
-    failed=$((failed + 1)); echo "FAIL $1: expected $2, got $3"
-  fi
-}
 json() { python3 -c 'import json,sys; v=json.load(sys.stdin)
 for k in sys.argv[1].split("."): v=v[k] if k else v
 print(v)' "$1"; }

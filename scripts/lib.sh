@@ -1,4 +1,4 @@
-# Shared shell helpers for run.sh and e2e.sh.
+# Shared shell helpers for run.sh and the e2e scripts.
 
 # A TCP port on 127.0.0.1 that nothing listens on right now.
 free_port() {
@@ -61,5 +61,35 @@ for line in open(sys.argv[1]):
         value = value[1:-1]
     env[key.strip().removeprefix("export ").strip()] = value
 os.execvpe(sys.argv[2], sys.argv[2:], env)
+PY
+}
+
+# check NAME EXPECTED ACTUAL: one "ok"/"FAIL" line per check, counted in `passed` and `failed`.
+passed=0 failed=0
+check() {
+  if [[ "$2" == "$3" ]]; then
+    passed=$((passed + 1)); echo "ok   $1"
+  else
+    failed=$((failed + 1)); echo "FAIL $1: expected $2, got $3"
+  fi
+}
+
+# start_moto_with_table PORT LOG: moto's server on 127.0.0.1:PORT in the background (sets
+# MOTO_PID), with the fleet's table (fallback-chat-health, TTL on expires_at) created in it, and
+# the AWS variables the function and boto3 need pointed at it exported.
+start_moto_with_table() {
+  local port=$1 log=$2
+  python scripts/moto_server.py -H 127.0.0.1 -p "$port" >"$log" 2>&1 &
+  MOTO_PID=$!
+  wait_for "http://127.0.0.1:$port/" 60
+  export AWS_ACCESS_KEY_ID=testing AWS_SECRET_ACCESS_KEY=testing AWS_REGION=us-east-1 AWS_DEFAULT_REGION=us-east-1
+  python3 - "$port" <<'PY'
+import sys, boto3
+ddb = boto3.client("dynamodb", endpoint_url=f"http://127.0.0.1:{sys.argv[1]}")
+ddb.create_table(TableName="fallback-chat-health", BillingMode="PAY_PER_REQUEST",
+                 AttributeDefinitions=[{"AttributeName": "pk", "AttributeType": "S"}],
+                 KeySchema=[{"AttributeName": "pk", "KeyType": "HASH"}])
+ddb.update_time_to_live(TableName="fallback-chat-health",
+                        TimeToLiveSpecification={"Enabled": True, "AttributeName": "expires_at"})
 PY
 }

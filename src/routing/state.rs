@@ -116,7 +116,7 @@ impl<C: Clock> Conversations<'_, C> {
         }
         let here = self.beside(holder, &[]);
         let result = self
-            .on(&here, deadline, |index, timeout| {
+            .on_resource(&here, deadline, |index, timeout| {
                 self.stored_call(op, index, id, query, timeout)
             })
             .await;
@@ -150,13 +150,17 @@ impl<C: Clock> Conversations<'_, C> {
                 continue;
             }
             asked.push(&d.endpoint);
+            // Any deployment of the resource can read its stored responses: one that is cooling
+            // down or out leaves the lookup to another.
+            let here = self.beside(index, &[]);
             let get = self
-                .on(&[index], deadline, |index, timeout| {
+                .on_resource(&here, deadline, |index, timeout| {
                     self.stored_call(StoredOp::Get, index, id, None, timeout)
                 })
                 .await;
             match get {
                 Ok(answer) => {
+                    let index = self.index_of(&answer.deployment).unwrap_or(index);
                     self.policy.sync.pin(id, index).await;
                     return Ok((index, Some(answer)));
                 }
@@ -224,6 +228,50 @@ impl<C: Clock> Conversations<'_, C> {
             });
         }
         called
+    }
+
+    /// One call on a resource's store through the deployments `here` (all on that resource),
+    /// one at a time: the first that can be called answers for the resource, so a 404 from one
+    /// is the resource's answer, and a deployment cooling down or failing leaves it to the next.
+    async fn on_resource<F, Fut>(
+        &self,
+        here: &[usize],
+        deadline: Instant,
+        call: F,
+    ) -> Result<Answer<Document>, RouteError>
+    where
+        F: Fn(usize, Duration) -> Fut,
+        Fut: Future<Output = Called<Document>>,
+    {
+        let mut earlier = Vec::new();
+        let mut last = None;
+        for &index in here {
+            match self.on(&[index], deadline, &call).await {
+                Ok(mut answer) => {
+                    earlier.append(&mut answer.attempts);
+                    answer.attempts = earlier;
+                    return Ok(answer);
+                }
+                Err(RouteError::Unavailable(mut exhausted)) => {
+                    let here_not = not_here(&exhausted);
+                    earlier.append(&mut exhausted.attempts);
+                    if here_not {
+                        exhausted.attempts = earlier;
+                        return Err(RouteError::Unavailable(exhausted));
+                    }
+                    last = Some(exhausted);
+                }
+                Err(error) => return Err(error),
+            }
+        }
+        let mut exhausted = last.unwrap_or_else(|| Exhausted {
+            route: "responses".into(),
+            attempts: Vec::new(),
+            deployments: Vec::new(),
+            retry_after: Duration::from_secs(1),
+        });
+        exhausted.attempts = earlier;
+        Err(RouteError::Unavailable(exhausted))
     }
 
     /// The failover loop over `members` for one call, the request's table writes finished

@@ -359,6 +359,35 @@ async fn the_responses_and_embeddings_payloads_replay_from_events() {
     }
 }
 
+#[tokio::test]
+async fn a_lookup_asks_another_deployment_of_the_resource_when_one_is_cooling_down() {
+    // One resource, gpt-4o throttled: gpt-35-turbo, on the same resource, can read its store.
+    let h = Harness::with(
+        &[
+            ("gpt-4o", Behavior::Throttled(RetryAfter::Seconds(7))),
+            ("gpt-35-turbo", Behavior::Healthy),
+        ],
+        &[],
+    )
+    .await;
+    let made = h
+        .post(
+            "/v1/responses",
+            &json!({"model": "gpt-4o", "input": "keep me"}),
+        )
+        .await;
+    assert_eq!(made.header("x-fallback-deployment"), Some("gpt-35-turbo"));
+    let unknown = h
+        .invoke(&common::http_api_request(
+            "GET",
+            "/v1/responses/resp_unknown1",
+            None,
+        ))
+        .await;
+    assert_eq!(unknown.status, 404, "{:?}", unknown.body);
+    assert_eq!(h.emulator.stored_calls(), 1, "one GET for the one resource");
+}
+
 fn streamed(input: &str, store: bool) -> Value {
     json!({"model": "gpt-4o", "input": input, "stream": true, "store": store})
 }

@@ -36,27 +36,12 @@ struct ConnHandle(Arc<Notify>);
 
 pub(crate) fn router(shared: Arc<Shared>) -> Router {
     Router::new()
+        // POST chat/completions and embeddings on a deployment; on v1, responses too.
         .route(
-            "/openai/deployments/{deployment}/chat/completions",
+            "/openai/deployments/{deployment}/{*operation}",
             post(classic).fallback(not_found),
         )
-        .route("/openai/v1/chat/completions", post(v1).fallback(not_found))
-        .route(
-            "/openai/deployments/{deployment}/embeddings",
-            post(classic_embeddings).fallback(not_found),
-        )
-        .route(
-            "/openai/v1/embeddings",
-            post(v1_embeddings).fallback(not_found),
-        )
-        .route(
-            "/openai/v1/responses",
-            post(create_response).fallback(not_found),
-        )
-        .route(
-            "/_emulator/deployments/{deployment}",
-            axum::routing::put(set_behavior).fallback(not_found),
-        )
+        .route("/openai/v1/{*operation}", post(v1).fallback(not_found))
         .route(
             "/openai/v1/responses/{id}",
             get(get_response)
@@ -66,6 +51,10 @@ pub(crate) fn router(shared: Arc<Shared>) -> Router {
         .route(
             "/openai/v1/responses/{id}/input_items",
             get(response_input_items).fallback(not_found),
+        )
+        .route(
+            "/_emulator/deployments/{deployment}",
+            axum::routing::put(set_behavior).fallback(not_found),
         )
         .fallback(not_found)
         .with_state(shared)
@@ -149,50 +138,72 @@ async fn not_found() -> Response {
 
 async fn classic(
     State(shared): State<Arc<Shared>>,
-    path: Result<Path<String>, axum::extract::rejection::PathRejection>,
+    path: Result<Path<(String, String)>, axum::extract::rejection::PathRejection>,
     uri: Uri,
     headers: HeaderMap,
     Extension(conn): Extension<ConnHandle>,
     body: Bytes,
 ) -> Response {
-    let Ok(Path(deployment)) = path else {
+    let Ok(Path((deployment, operation))) = path else {
         return respond(wire::resource_not_found());
     };
-    handle(&shared, Some(deployment), &uri, &headers, &body, &conn).await
+    let call = Call {
+        shared: &shared,
+        uri: &uri,
+        headers: &headers,
+        body: &body,
+        conn: &conn,
+    };
+    call.operation(Some(deployment), &operation).await
 }
 
 async fn v1(
     State(shared): State<Arc<Shared>>,
+    Path(operation): Path<String>,
     uri: Uri,
     headers: HeaderMap,
     Extension(conn): Extension<ConnHandle>,
     body: Bytes,
 ) -> Response {
-    handle(&shared, None, &uri, &headers, &body, &conn).await
-}
-
-async fn classic_embeddings(
-    State(shared): State<Arc<Shared>>,
-    path: Result<Path<String>, axum::extract::rejection::PathRejection>,
-    uri: Uri,
-    headers: HeaderMap,
-    Extension(conn): Extension<ConnHandle>,
-    body: Bytes,
-) -> Response {
-    let Ok(Path(deployment)) = path else {
-        return respond(wire::resource_not_found());
+    let call = Call {
+        shared: &shared,
+        uri: &uri,
+        headers: &headers,
+        body: &body,
+        conn: &conn,
     };
-    embeddings(&shared, Some(deployment), &uri, &headers, &body, &conn).await
+    call.operation(None, &operation).await
 }
 
-async fn v1_embeddings(
-    State(shared): State<Arc<Shared>>,
-    uri: Uri,
-    headers: HeaderMap,
-    Extension(conn): Extension<ConnHandle>,
-    body: Bytes,
-) -> Response {
-    embeddings(&shared, None, &uri, &headers, &body, &conn).await
+/// One POST, as it came.
+struct Call<'a> {
+    shared: &'a Shared,
+    uri: &'a Uri,
+    headers: &'a HeaderMap,
+    body: &'a [u8],
+    conn: &'a ConnHandle,
+}
+
+impl Call<'_> {
+    /// The operation the path names after the deployment (classic, `path_deployment`) or after
+    /// `/openai/v1/` (the deployment from the body's `model`).
+    async fn operation(&self, path_deployment: Option<String>, operation: &str) -> Response {
+        let Call {
+            shared,
+            uri,
+            headers,
+            body,
+            conn,
+        } = *self;
+        match operation {
+            "chat/completions" => handle(shared, path_deployment, uri, headers, body, conn).await,
+            "embeddings" => embeddings(shared, path_deployment, uri, headers, body, conn).await,
+            "responses" if path_deployment.is_none() => {
+                create_response(shared, uri, headers, conn, body).await
+            }
+            _ => respond(wire::resource_not_found()),
+        }
+    }
 }
 
 /// `PUT /_emulator/deployments/{name}` with a behaviour (`healthy`, `throttled:7`, ...) as the
@@ -219,15 +230,17 @@ async fn set_behavior(
     }
 }
 
+/// `POST /openai/v1/responses`: healthy behaviours answer (and store) a response, streamed
+/// or not; failures as for chat.
 async fn create_response(
-    State(shared): State<Arc<Shared>>,
-    uri: Uri,
-    headers: HeaderMap,
-    Extension(conn): Extension<ConnHandle>,
-    body: Bytes,
+    shared: &Shared,
+    uri: &Uri,
+    headers: &HeaderMap,
+    conn: &ConnHandle,
+    body: &[u8],
 ) -> Response {
     let check = |body: Option<&Value>| responses::check(body, |id| shared.stored(id).is_some());
-    let admitted = match admit(&shared, None, &uri, &headers, &body, &conn, check).await {
+    let admitted = match admit(shared, None, uri, headers, body, conn, check).await {
         Ok(admitted) => admitted,
         Err(response) => return response,
     };
@@ -267,7 +280,7 @@ async fn create_response(
         shared.log(&deployment, &label, "200 stream");
         return response_stream(made.events(), &plan, conn.clone());
     }
-    finish(&shared, &deployment, &label, made.reply())
+    finish(shared, &deployment, &label, made.reply())
 }
 
 async fn get_response(
