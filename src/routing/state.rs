@@ -166,14 +166,20 @@ impl<C: Clock> Conversations<'_, C> {
                 }
                 Err(RouteError::Unavailable(exhausted)) if not_here(&exhausted) => {}
                 Err(error) => {
-                    let attempts = error.into_attempts();
+                    // When to ask again: when the soonest of the resources that could not say
+                    // recovers.
+                    let wait = match &error {
+                        RouteError::Unavailable(exhausted) => exhausted.retry_after,
+                        RouteError::ContentFiltered { .. } => Duration::from_secs(1),
+                    };
                     let exhausted = failed.get_or_insert_with(|| Exhausted {
                         route: "lookup".into(),
                         attempts: Vec::new(),
                         deployments: Vec::new(),
-                        retry_after: Duration::from_secs(1),
+                        retry_after: wait,
                     });
-                    exhausted.attempts.extend(attempts);
+                    exhausted.retry_after = exhausted.retry_after.min(wait);
+                    exhausted.attempts.extend(error.into_attempts());
                 }
             }
         }
