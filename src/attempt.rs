@@ -43,6 +43,9 @@ pub enum AttemptOutcome {
     DeadlineExceeded,
     /// Not called: its context window is no larger than one that was already too small.
     ContextWindowTooSmall,
+    /// Not called: a batch client's request, and the quota the deployment reports left is
+    /// under the reserve kept for interactive clients.
+    ReservedForInteractive,
 }
 
 impl AttemptOutcome {
@@ -55,6 +58,7 @@ impl AttemptOutcome {
                 | Self::ProbeInFlight
                 | Self::DeadlineExceeded
                 | Self::ContextWindowTooSmall
+                | Self::ReservedForInteractive
         )
     }
 
@@ -82,6 +86,7 @@ impl AttemptOutcome {
             Self::ProbeInFlight => "probe_in_flight",
             Self::DeadlineExceeded => "deadline_exceeded",
             Self::ContextWindowTooSmall => "context_window_too_small",
+            Self::ReservedForInteractive => "reserved_for_interactive",
         }
     }
 }

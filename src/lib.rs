@@ -28,6 +28,7 @@ pub mod health;
 // The surface answers with HTTP statuses; upstream/ reads Azure's.
 #[allow(clippy::disallowed_types)]
 mod http;
+pub mod limits;
 pub mod net;
 mod outcome;
 pub mod pool;
@@ -45,10 +46,12 @@ use aws_config::{BehaviorVersion, SdkConfig};
 use metrics_cloudwatch_embedded::Collector;
 
 use crate::clock::{Clock, SystemClock};
+use crate::config::clients::Client;
 use crate::config::{Config, keys};
 use crate::error::ConfigError;
 use crate::health::{Breaker, Fleet};
 use crate::http::Surface;
+use crate::limits::{Ledger, Limiter};
 use crate::net::Http;
 use crate::routing::{Engine, Settings};
 
@@ -153,10 +156,28 @@ impl<C: Clock> App<C> {
         };
         let keys = ClientKeys::from_config(&config)?;
         let surface = Surface::from(&config);
+        let limits = Limiter::new(
+            &config.clients,
+            config.limits,
+            clock.clone(),
+            fleet.as_ref().map(Ledger::of),
+            config.health_timeout,
+        );
+        // What each client may do; its keys are in `keys`, and nowhere else.
+        let clients = config
+            .clients
+            .into_iter()
+            .map(|client| Client {
+                keys: Vec::new(),
+                ..client
+            })
+            .collect();
         let engine = Engine::new(config.pool, http, settings, clock, seed, fleet);
         Ok(Self {
             engine: Arc::new(engine),
             keys,
+            clients,
+            limits,
             surface,
             metrics: None,
         })

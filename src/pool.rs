@@ -101,6 +101,19 @@ pub struct Route {
     pub members: Vec<usize>,
     /// What every member serves (the configuration checks they agree).
     pub serves: Serves,
+    /// Members reporting fewer remaining tokens than this are kept out (a batch client's
+    /// request: the rest is kept for interactive ones). `None` for the configured routes.
+    pub reserve: Option<u64>,
+}
+
+impl Route {
+    /// This route for a request that keeps off deployments with fewer than `tokens` left.
+    pub fn keeping(&self, tokens: u64) -> Route {
+        Route {
+            reserve: Some(tokens),
+            ..self.clone()
+        }
+    }
 }
 
 #[derive(Debug, Clone)]

@@ -93,6 +93,17 @@ pub fn install(namespace: &str) -> Result<&'static Collector, String> {
         Unit::Count,
         "Calls to the fleet's shared health table, by operation and outcome"
     );
+    describe_counter!("ClientRequests", Unit::Count, "Requests of a named client");
+    describe_counter!(
+        "ClientRefusals",
+        Unit::Count,
+        "Requests of a named client refused by one of its limits, by limit"
+    );
+    describe_counter!(
+        "ClientTokens",
+        Unit::Count,
+        "Tokens a named client's requests used"
+    );
     describe_histogram!(
         "HealthTableLatency",
         Unit::Milliseconds,
@@ -157,6 +168,8 @@ pub enum TableOp {
     Pin,
     Holder,
     Unpin,
+    /// A lease of a client's limit.
+    Limit,
 }
 
 impl TableOp {
@@ -172,6 +185,7 @@ impl TableOp {
             TableOp::Pin => "pin",
             TableOp::Holder => "holder",
             TableOp::Unpin => "unpin",
+            TableOp::Limit => "limit",
         }
     }
 }
@@ -202,6 +216,21 @@ impl TableOutcome {
 pub fn health_table(op: TableOp, outcome: TableOutcome, ms: u64) {
     counter!("HealthTable", "Operation" => op.as_str(), "Outcome" => outcome.as_str()).increment(1);
     histogram!("HealthTableLatency", "Operation" => op.as_str()).record(ms as f64);
+}
+
+/// A request of named client `client` (admitted or not).
+pub fn client_request(client: &str) {
+    counter!("ClientRequests", "Client" => client.to_owned()).increment(1);
+}
+
+/// `client` was refused by its limit `limit` (`tokens_per_minute`, ...).
+pub fn client_refused(client: &str, limit: &'static str) {
+    counter!("ClientRefusals", "Client" => client.to_owned(), "Limit" => limit).increment(1);
+}
+
+/// What an admitted request of `client` used.
+pub fn client_tokens(client: &str, tokens: u64) {
+    counter!("ClientTokens", "Client" => client.to_owned()).increment(tokens);
 }
 
 /// `deployment`'s stream broke after its first content.

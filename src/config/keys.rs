@@ -181,6 +181,8 @@ enum Slot {
     /// Index into `config.pool.deployments`.
     Pool(usize),
     ClientKeys,
+    /// Named client `.0`'s key number `.1`.
+    Client(usize, usize),
 }
 
 /// What went wrong with one reference, and what the operator should do about it. Never holds a
@@ -204,7 +206,9 @@ impl Problem {
 pub struct Resolved {
     /// By index into `config.pool.deployments`.
     deployments: Vec<(usize, Secret)>,
-    clients: Option<Secret>,
+    client_keys: Option<Secret>,
+    /// By (index into `config.clients`, index into its keys).
+    clients: Vec<(usize, usize, Secret)>,
 }
 
 impl Resolved {
@@ -215,8 +219,13 @@ impl Resolved {
                 d.key = Some(key);
             }
         }
-        if let Some(keys) = self.clients {
+        if let Some(keys) = self.client_keys {
             config.client_keys = Some(keys);
+        }
+        for (i, j, key) in self.clients {
+            if let Some(slot) = config.clients.get_mut(i).and_then(|c| c.keys.get_mut(j)) {
+                *slot = key;
+            }
         }
         config
     }
@@ -291,7 +300,8 @@ pub async fn resolve(config: &Config, aws: &SdkConfig) -> Result<Resolved, Confi
         let key = Secret::new(values[reference].clone());
         match slot {
             Slot::Pool(i) => resolved.deployments.push((*i, key)),
-            Slot::ClientKeys => resolved.clients = Some(key),
+            Slot::ClientKeys => resolved.client_keys = Some(key),
+            Slot::Client(i, j) => resolved.clients.push((*i, *j, key)),
         }
     }
     Ok(resolved)
@@ -310,7 +320,13 @@ fn references(config: &Config) -> Vec<(Slot, SecretRef)> {
         .as_ref()
         .and_then(|keys| reference(keys.expose()))
         .map(|r| (Slot::ClientKeys, r));
-    pool.chain(client).collect()
+    let named = config.clients.iter().enumerate().flat_map(|(i, c)| {
+        c.keys
+            .iter()
+            .enumerate()
+            .filter_map(move |(j, key)| Some((Slot::Client(i, j), reference(key.expose())?)))
+    });
+    pool.chain(client).chain(named).collect()
 }
 
 fn slots_of(wanted: &[(Slot, SecretRef)], matches: impl Fn(&SecretRef) -> bool) -> Vec<Slot> {
@@ -326,13 +342,14 @@ fn failure(config: &Config, users: &[Slot], reference: &str, problem: &Problem) 
     let pool = &config.pool.deployments;
     let var = match users.first() {
         Some(Slot::Pool(i)) => pool[*i].key_var.clone(),
+        Some(Slot::Client(i, j)) => config.clients[*i].key_vars[*j].clone(),
         _ => "CLIENT_API_KEYS".to_owned(),
     };
     let entries: Vec<String> = users
         .iter()
         .filter_map(|slot| match slot {
             Slot::Pool(i) => Some(format!("{:?}", pool[*i].id)),
-            Slot::ClientKeys => None,
+            Slot::ClientKeys | Slot::Client(..) => None,
         })
         .collect();
     let mut who: Vec<String> = Vec::new();
@@ -347,6 +364,14 @@ fn failure(config: &Config, users: &[Slot], reference: &str, problem: &Problem) 
     }
     if users.contains(&Slot::ClientKeys) && var != "CLIENT_API_KEYS" {
         who.push("CLIENT_API_KEYS".to_owned());
+    }
+    for slot in users {
+        if let Slot::Client(i, j) = slot {
+            let client = &config.clients[*i];
+            if client.key_vars[*j] != var {
+                who.push(format!("a key of client {:?}", client.name));
+            }
+        }
     }
     let reference = if who.is_empty() {
         reference.to_owned()

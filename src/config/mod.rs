@@ -2,6 +2,7 @@
 //! message that names the variable and says what to set. `Config` is data: the HTTP client, the
 //! AWS SDK and the App are built from it in lib.rs.
 
+pub mod clients;
 pub mod keys;
 mod pool;
 
@@ -39,6 +40,23 @@ pub const DEFAULT_STREAM_IDLE_TIMEOUT_MS: u64 = 10_000;
 pub const DEFAULT_STREAM_CONTINUATIONS: u32 = 2;
 /// Lambda's own request payload limit is 6 MB; a chat request is far smaller.
 pub const DEFAULT_MAX_BODY_BYTES: usize = 1024 * 1024;
+/// The completion a request that sets no `max_tokens` is counted at until its usage is known.
+pub const DEFAULT_COMPLETION_TOKENS: u64 = 1_000;
+/// How many execution environments share a limit when the table cannot say (each then spends
+/// this share of every limit on its own).
+pub const DEFAULT_LIMITS_ENVIRONMENTS: u64 = 10;
+/// Below this many remaining tokens (as a deployment reports them), batch clients keep off it.
+pub const DEFAULT_BATCH_RESERVE_TOKENS: u64 = 10_000;
+
+/// How the named clients' limits are counted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LimitSettings {
+    pub default_completion_tokens: u64,
+    /// The execution environments expected to share a limit: each environment's share while
+    /// the table is unavailable, and the size of its leases, are worked out from it.
+    pub environments: u64,
+    pub batch_reserve_tokens: u64,
+}
 
 #[derive(Clone, Debug)]
 pub struct Config {
@@ -72,6 +90,10 @@ pub struct Config {
     /// `CLIENT_API_KEYS` as given: keys separated by commas or newlines, or a reference to a
     /// Secrets Manager secret or SSM SecureString holding them.
     pub client_keys: Option<Secret>,
+    /// The named clients (`FALLBACK_CLIENTS`): keys, limits, routes, priority.
+    pub clients: Vec<clients::Client>,
+    /// How the clients' limits are counted.
+    pub limits: LimitSettings,
     /// What authenticates callers in front of the function, when something does:
     /// `iam` (Function URL with AWS_IAM) or `authorizer` (an API Gateway authorizer).
     pub auth_in_front: Option<&'static str>,
@@ -120,7 +142,7 @@ impl Config {
             })
             .transpose()?;
 
-        let pool = match pool_source(&get)? {
+        let pool = match source(&get, "FALLBACK_POOL", "FALLBACK_POOL_FILE")? {
             Some((json, var)) => {
                 if get("AZURE_OPENAI_DEPLOYMENTS").is_some() {
                     return Err(ConfigError::Invalid {
@@ -214,6 +236,30 @@ impl Config {
                 })?,
         };
         let client_keys = get("CLIENT_API_KEYS").map(Secret::new);
+        let clients = match source(&get, "FALLBACK_CLIENTS", "FALLBACK_CLIENTS_FILE")? {
+            Some((json, var)) => clients::parse(&json, var, &pool, &get)?,
+            None => Vec::new(),
+        };
+        let limits = LimitSettings {
+            default_completion_tokens: count(
+                &get,
+                "LIMITS_DEFAULT_COMPLETION_TOKENS",
+                DEFAULT_COMPLETION_TOKENS as usize,
+            )? as u64,
+            environments: count(
+                &get,
+                "LIMITS_ENVIRONMENTS",
+                DEFAULT_LIMITS_ENVIRONMENTS as usize,
+            )? as u64,
+            batch_reserve_tokens: match get("BATCH_RESERVE_TOKENS") {
+                Some(v) if v == "0" => 0,
+                _ => count(
+                    &get,
+                    "BATCH_RESERVE_TOKENS",
+                    DEFAULT_BATCH_RESERVE_TOKENS as usize,
+                )? as u64,
+            },
+        };
         let auth_in_front = match get("AUTH_PROVIDED_BY").as_deref() {
             None => None,
             Some("iam") => Some("iam"),
@@ -227,7 +273,7 @@ impl Config {
                 });
             }
         };
-        if client_keys.is_none() && auth_in_front.is_none() {
+        if client_keys.is_none() && clients.is_empty() && auth_in_front.is_none() {
             return Err(ConfigError::Closed);
         }
         let response_streaming = match get("RESPONSE_MODE").as_deref() {
@@ -280,6 +326,8 @@ impl Config {
             max_body_bytes,
             response_streaming,
             client_keys,
+            clients,
+            limits,
             auth_in_front,
             health_table,
             health_refresh,
@@ -304,16 +352,19 @@ fn table_name(name: &str) -> bool {
     }
 }
 
-/// The pool JSON and the variable it came from, if one is configured.
-fn pool_source(
+/// JSON from variable `var` or from the file `file_var` names, and the variable it came from,
+/// if either is set (the pool's and the clients' configuration).
+fn source(
     get: &impl Fn(&str) -> Option<String>,
+    var: &'static str,
+    file_var: &'static str,
 ) -> Result<Option<(String, &'static str)>, ConfigError> {
-    match (get("FALLBACK_POOL"), get("FALLBACK_POOL_FILE")) {
+    match (get(var), get(file_var)) {
         (Some(_), Some(_)) => Err(ConfigError::Invalid {
-            var: "FALLBACK_POOL_FILE",
-            reason: "set either FALLBACK_POOL or FALLBACK_POOL_FILE, not both".into(),
+            var: file_var,
+            reason: format!("set either {var} or {file_var}, not both"),
         }),
-        (Some(json), None) => Ok(Some((json, "FALLBACK_POOL"))),
+        (Some(json), None) => Ok(Some((json, var))),
         (None, Some(path)) => {
             // A relative path is inside the deployment package, which Lambda unpacks at LAMBDA_TASK_ROOT.
             let full = match get("LAMBDA_TASK_ROOT") {
@@ -321,9 +372,9 @@ fn pool_source(
                 _ => path,
             };
             std::fs::read_to_string(&full)
-                .map(|json| Some((json, "FALLBACK_POOL_FILE")))
+                .map(|json| Some((json, file_var)))
                 .map_err(|e| ConfigError::Invalid {
-                    var: "FALLBACK_POOL_FILE",
+                    var: file_var,
                     reason: format!("cannot read {full}: {e}"),
                 })
         }

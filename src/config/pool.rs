@@ -197,6 +197,7 @@ pub fn parse(
             name: "default".into(),
             members,
             serves,
+            reserve: None,
         });
     }
     for (name, ids) in &spec.routes {
@@ -226,6 +227,7 @@ pub fn parse(
             name: name.clone(),
             members,
             serves,
+            reserve: None,
         });
     }
     let default_route = match &spec.default_route {
@@ -297,6 +299,7 @@ pub fn ordered(endpoint: String, key: Secret, names: Vec<String>, api_version: &
             name: "default".into(),
             members,
             serves: Serves::Generation,
+            reserve: None,
         }],
         default_route: 0,
         open_routes: true,

@@ -88,6 +88,11 @@ impl Fleet {
         &self.table
     }
 
+    /// The DynamoDB client, for what else the fleet keeps in the table (the clients' limits).
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+
     /// The name a deployment goes by in the table: its host (and path) and deployment name,
     /// so every function that calls the same Azure deployment shares what it learns.
     pub fn key(endpoint: &str, deployment: &str) -> String {

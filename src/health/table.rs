@@ -271,6 +271,11 @@ impl HealthTable {
         f(&mut guard)
     }
 
+    /// The tokens deployment `index` last reported left (`x-ratelimit-remaining-tokens`).
+    pub fn remaining_tokens(&self, index: usize) -> Option<u64> {
+        self.with(|t| t.deployments.get(index).and_then(|h| h.remaining_tokens))
+    }
+
     pub fn state(&self, index: usize, now: Instant) -> State {
         self.with(|t| {
             t.deployments

@@ -8,8 +8,11 @@ use std::time::Duration;
 use metrics_cloudwatch_embedded::Collector;
 
 use crate::clock::{Clock, SystemClock};
-use crate::config::Config;
+use crate::config::{Config, LimitSettings};
 use crate::routing::Engine;
+
+use crate::config::clients::Client;
+use crate::limits::Limiter;
 
 use super::auth::ClientKeys;
 
@@ -17,6 +20,9 @@ use super::auth::ClientKeys;
 pub struct App<C: Clock = SystemClock> {
     pub(crate) engine: Arc<Engine<C>>,
     pub(crate) keys: ClientKeys,
+    /// The named clients (without their keys), indexed as `Caller::Client` names them.
+    pub(crate) clients: Vec<Client>,
+    pub(crate) limits: Limiter<C>,
     pub(crate) surface: Surface,
     /// Where EMF metrics are collected, once installed (tests usually run without).
     pub(crate) metrics: Option<&'static Collector>,
@@ -33,6 +39,8 @@ pub struct Surface {
     /// Lambda response streaming (a Function URL with InvokeMode RESPONSE_STREAM) rather than
     /// one buffered response per invocation.
     pub response_streaming: bool,
+    /// How the named clients' requests are estimated and kept off short deployments.
+    pub limits: LimitSettings,
 }
 
 impl From<&Config> for Surface {
@@ -44,6 +52,7 @@ impl From<&Config> for Surface {
             request_timeout: config.request_timeout,
             deadline_margin: config.deadline_margin,
             response_streaming: config.response_streaming,
+            limits: config.limits,
         }
     }
 }

@@ -2,7 +2,6 @@
 //! out, or a JSON error with the status that says what happened.
 
 use std::sync::Arc;
-use std::time::Instant;
 
 use lambda_http::http::{HeaderValue, Method, StatusCode, header};
 use lambda_http::{Request, RequestExt, Response};
@@ -16,6 +15,8 @@ use crate::reply::Reply;
 use crate::routing::RouteError;
 
 use super::app::App;
+use super::call::{Call, estimate};
+use super::openai::{ApiError, Operation};
 use super::respond::{fallback_headers, json_response, path, retry_after_seconds};
 use super::summary::Summary;
 
@@ -47,6 +48,9 @@ enum AskError {
     },
     #[error("{}", route_message(.0))]
     Route(RouteError),
+    /// The client may not use the route, or is over a limit.
+    #[error("{}", .0.message)]
+    Refused(Box<ApiError>),
 }
 
 fn route_message(error: &RouteError) -> String {
@@ -75,50 +79,55 @@ pub(super) fn chat_body(system_prompt: &str, query: &str) -> JsonBody {
 }
 
 impl<C: Clock> App<C> {
-    /// `started`: when the request came.
     pub(super) async fn ask(
         self: &Arc<Self>,
         request: &Request,
-        started: Instant,
+        mut call: Call,
     ) -> Response<Reply> {
         let route = &self.engine.pool().default_route().name;
-        let result = self.question(request).await;
-        let latency = self.engine.clock().now() - started;
+        let result = self.question(request, &mut call).await;
         match result {
             Ok(answer) => {
-                Summary::answered(&answer, answer.output.total_tokens()).log(200, latency);
+                let summary = Summary::answered(&answer, answer.output.total_tokens());
+                self.finish(call, summary, 200);
                 answered(&answer)
             }
             Err(error) => {
                 let response = error_response(&error);
                 let status = response.status().as_u16();
-                match &error {
+                let summary = match &error {
                     AskError::Route(route_error) => {
                         Summary::unanswered(route_error, error.to_string())
                     }
+                    AskError::CompletionFiltered { deployment, .. } => {
+                        // Answered, and its tokens spent, though not shown.
+                        Summary::refused(route, error.to_string()).by(deployment)
+                    }
                     _ => Summary::refused(route, error.to_string()),
-                }
-                .log(status, latency);
+                };
+                self.finish(call, summary, status);
                 response
             }
         }
     }
 
     /// Any path that is no endpoint.
-    pub(super) fn not_found(&self, request: &Request, started: Instant) -> Response<Reply> {
+    pub(super) fn not_found(&self, request: &Request, call: Call) -> Response<Reply> {
         let error = AskError::NotFound {
             path: path(request).chars().take(200).collect(),
         };
         let response = error_response(&error);
         let route = &self.engine.pool().default_route().name;
-        Summary::refused(route, error.to_string()).log(
-            response.status().as_u16(),
-            self.engine.clock().now() - started,
-        );
+        let summary = Summary::refused(route, error.to_string());
+        self.finish(call, summary, response.status().as_u16());
         response
     }
 
-    async fn question(&self, request: &Request) -> Result<Answer<Completion>, AskError> {
+    async fn question(
+        &self,
+        request: &Request,
+        call: &mut Call,
+    ) -> Result<Answer<Completion>, AskError> {
         if request.method() != Method::GET {
             return Err(AskError::MethodNotAllowed {
                 method: request.method().to_string(),
@@ -139,10 +148,21 @@ impl<C: Clock> App<C> {
             });
         }
         let body = chat_body(&self.surface.system_prompt, query);
+        let route = self.engine.pool().default_route();
+        let size = self.surface.system_prompt.len() + query.len();
+        let default = self.surface.limits.default_completion_tokens;
+        self.admit(
+            call,
+            Some(route),
+            estimate(&body, size, Operation::Chat, default),
+        )
+        .await
+        .map_err(AskError::Refused)?;
+        let kept = self.route_for_caller(call.caller, route);
         let answer = self
             .engine
             .complete(
-                self.engine.pool().default_route(),
+                kept.as_ref().unwrap_or(route),
                 &body,
                 self.deadline(request),
             )
@@ -209,6 +229,14 @@ fn error_response(error: &AskError) -> Response<Reply> {
         AskError::Route(RouteError::ContentFiltered {
             deployment, filter, ..
         }) => filtered(message, deployment, filter),
+        AskError::Refused(e) => {
+            let mut r = json_response(e.status, &json!({ "error": message, "code": e.code }));
+            if let Some(seconds) = e.retry_after {
+                r.headers_mut()
+                    .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+            }
+            r
+        }
         AskError::Route(RouteError::Unavailable(exhausted)) => {
             let seconds = retry_after_seconds(exhausted.retry_after);
             let mut r = json_response(

@@ -3,7 +3,7 @@
 
 use lambda_http::http::HeaderMap;
 use lambda_http::http::header::AUTHORIZATION;
-use subtle::ConstantTimeEq;
+use subtle::{ConditionallySelectable, ConstantTimeEq};
 
 use crate::config::Config;
 use crate::error::ConfigError;
@@ -20,42 +20,75 @@ pub enum Refusal {
     Invalid,
 }
 
-/// The accepted client keys. Empty when callers are authenticated in front of the function.
+/// Who a request comes from, once its key matched.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Caller {
+    /// A key of `CLIENT_API_KEYS`, or anyone when keys are checked in front: no limits.
+    Unnamed,
+    /// Named client number `.0` of `config.clients`.
+    Client(usize),
+}
+
+/// The accepted client keys: `CLIENT_API_KEYS` and the named clients' keys. Empty when callers
+/// are authenticated in front of the function.
 pub struct ClientKeys {
-    keys: Vec<Vec<u8>>,
+    /// Each key, and whose it is (0: `CLIENT_API_KEYS`, n: named client n - 1).
+    keys: Vec<(Vec<u8>, u32)>,
 }
 
 impl ClientKeys {
     /// Reads `CLIENT_API_KEYS` (after any Secrets Manager or SSM reference was resolved): keys
-    /// separated by commas or newlines.
+    /// separated by commas or newlines; and each named client's keys. Every key is at least
+    /// [`MIN_KEY_CHARS`] long and belongs to one caller only.
     pub fn from_config(config: &Config) -> Result<Self, ConfigError> {
-        let Some(raw) = &config.client_keys else {
-            return Ok(Self { keys: Vec::new() });
-        };
-        let keys: Vec<Vec<u8>> = raw
-            .expose()
-            .split([',', '\n'])
-            .map(str::trim)
-            .filter(|k| !k.is_empty())
-            .map(|k| k.as_bytes().to_vec())
-            .collect();
-        if keys.is_empty() {
-            return Err(ConfigError::Invalid {
-                var: "CLIENT_API_KEYS",
-                reason: "holds no key".into(),
-            });
+        let mut keys: Vec<(Vec<u8>, u32)> = Vec::new();
+        if let Some(raw) = &config.client_keys {
+            let plain: Vec<&str> = raw
+                .expose()
+                .split([',', '\n'])
+                .map(str::trim)
+                .filter(|k| !k.is_empty())
+                .collect();
+            if plain.is_empty() {
+                return Err(ConfigError::Invalid {
+                    var: "CLIENT_API_KEYS",
+                    reason: "holds no key".into(),
+                });
+            }
+            if let Some(position) = plain.iter().position(|k| k.chars().count() < MIN_KEY_CHARS) {
+                return Err(ConfigError::Invalid {
+                    var: "CLIENT_API_KEYS",
+                    reason: format!(
+                        "key number {} is shorter than {MIN_KEY_CHARS} characters; generate one with `openssl rand -hex 24`",
+                        position + 1
+                    ),
+                });
+            }
+            keys.extend(plain.iter().map(|k| (k.as_bytes().to_vec(), 0)));
         }
-        if let Some(position) = keys
-            .iter()
-            .position(|k| String::from_utf8_lossy(k).chars().count() < MIN_KEY_CHARS)
-        {
-            return Err(ConfigError::Invalid {
-                var: "CLIENT_API_KEYS",
-                reason: format!(
-                    "key number {} is shorter than {MIN_KEY_CHARS} characters; generate one with `openssl rand -hex 24`",
-                    position + 1
-                ),
-            });
+        for (i, client) in config.clients.iter().enumerate() {
+            for (key, var) in client.keys.iter().zip(&client.key_vars) {
+                let key = key.expose().trim();
+                if key.chars().count() < MIN_KEY_CHARS {
+                    return Err(ConfigError::InvalidKey {
+                        var: var.clone(),
+                        reason: format!(
+                            "the key of client {:?} is shorter than {MIN_KEY_CHARS} characters; generate one with `openssl rand -hex 24`",
+                            client.name
+                        ),
+                    });
+                }
+                if keys.iter().any(|(k, _)| k == key.as_bytes()) {
+                    return Err(ConfigError::InvalidKey {
+                        var: var.clone(),
+                        reason: format!(
+                            "the key of client {:?} is also another caller's key: each key names one caller",
+                            client.name
+                        ),
+                    });
+                }
+                keys.push((key.as_bytes().to_vec(), i as u32 + 1));
+            }
         }
         Ok(Self { keys })
     }
@@ -66,10 +99,10 @@ impl ClientKeys {
     }
 
     /// Checks the key a request presents, as OpenAI clients send it (`Authorization: Bearer`)
-    /// or as Azure clients do (`api-key`).
-    pub fn check(&self, headers: &HeaderMap) -> Result<(), Refusal> {
+    /// or as Azure clients do (`api-key`), and says whose it is.
+    pub fn check(&self, headers: &HeaderMap) -> Result<Caller, Refusal> {
         if !self.enforced() {
-            return Ok(());
+            return Ok(Caller::Unnamed);
         }
         let bearer = headers
             .get(AUTHORIZATION)
@@ -82,16 +115,17 @@ impl ClientKeys {
             .filter(|k| !k.is_empty())
             .ok_or(Refusal::Missing)?;
         // Compare with every key, without stopping at a match, so timing says nothing of which.
-        let matched = self
-            .keys
-            .iter()
-            .fold(subtle::Choice::from(0), |found, key| {
-                found | key.as_slice().ct_eq(presented.as_bytes())
-            });
-        if bool::from(matched) {
-            Ok(())
-        } else {
-            Err(Refusal::Invalid)
+        let (matched, owner) = self.keys.iter().fold(
+            (subtle::Choice::from(0), 0u32),
+            |(found, owner), (key, whose)| {
+                let same = key.as_slice().ct_eq(presented.as_bytes());
+                (found | same, u32::conditional_select(&owner, whose, same))
+            },
+        );
+        match (bool::from(matched), owner) {
+            (false, _) => Err(Refusal::Invalid),
+            (true, 0) => Ok(Caller::Unnamed),
+            (true, n) => Ok(Caller::Client(n as usize - 1)),
         }
     }
 }
@@ -136,13 +170,13 @@ mod tests {
         let k = keys(&format!("{A}, {B}\n")).unwrap();
         assert_eq!(
             k.check(&headers(&[("authorization", &format!("Bearer {A}"))])),
-            Ok(())
+            Ok(Caller::Unnamed)
         );
         assert_eq!(
             k.check(&headers(&[("authorization", &format!("bearer {B}"))])),
-            Ok(())
+            Ok(Caller::Unnamed)
         );
-        assert_eq!(k.check(&headers(&[("api-key", B)])), Ok(()));
+        assert_eq!(k.check(&headers(&[("api-key", B)])), Ok(Caller::Unnamed));
     }
 
     #[test]

@@ -5,7 +5,6 @@
 //! are comparable.
 
 use std::sync::Arc;
-use std::time::Instant;
 
 use lambda_http::{Request, Response};
 
@@ -13,6 +12,7 @@ use crate::clock::Clock;
 use crate::reply::Reply;
 
 use super::app::App;
+use super::call::Call;
 use super::openai::Operation;
 use super::summary::Summary;
 
@@ -21,21 +21,29 @@ impl<C: Clock> App<C> {
         self: &Arc<Self>,
         request: &Request,
         path_route: Option<&str>,
-        started: Instant,
+        mut call: Call,
     ) -> Response<Reply> {
         let operation = Operation::Embeddings;
         let (route, body) = match self.parse(request, path_route, operation) {
             Ok(parsed) => parsed,
-            Err(error) => return self.refused(*error, path_route, operation, started),
+            Err(error) => return self.refused(*error, path_route, operation, call),
         };
+        let kept = match self
+            .admitted(&mut call, request, route, &body, operation)
+            .await
+        {
+            Ok(kept) => kept,
+            Err(error) => return self.refused(*error, Some(&route.name), operation, call),
+        };
+        let route = kept.as_ref().unwrap_or(route);
         let deadline = self.deadline(request);
         match self.engine.embed(route, &body, deadline).await {
             Ok(answer) => {
                 let summary =
                     Summary::answered(&answer, answer.output.tokens).operation(operation.label());
-                self.document(answer, summary, started)
+                self.document(answer, summary, call)
             }
-            Err(error) => self.unanswered(&error, operation, false, started),
+            Err(error) => self.unanswered(&error, operation, false, call),
         }
     }
 }

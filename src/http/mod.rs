@@ -4,6 +4,7 @@
 mod app;
 mod ask;
 pub(crate) mod auth;
+mod call;
 mod embeddings;
 pub(crate) mod event;
 pub(crate) mod fuzz;
@@ -27,6 +28,8 @@ use crate::routing::Delivery;
 use crate::telemetry;
 use crate::upstream::StoredOp;
 
+use auth::Refusal;
+use call::Call;
 use respond::{json_response, path};
 
 /// Lambda never runs longer than 15 minutes: a deadline further away is not an epoch time
@@ -127,7 +130,33 @@ impl<C: Clock> App<C> {
         let started = self.engine.clock().now();
         let path = path(&request).to_owned();
         let endpoint = endpoint(&path);
-        if let Err(refusal) = self.keys.check(request.headers()) {
+        let caller = match self.keys.check(request.headers()) {
+            Ok(caller) => caller,
+            Err(refusal) => return self.unauthorized(&endpoint, &path, refusal),
+        };
+        let call = Call::new(started, caller);
+        let mut response = match endpoint {
+            Endpoint::Chat { route } => {
+                self.chat_completions(&request, route, delivery, call).await
+            }
+            Endpoint::Embeddings { route } => self.embeddings(&request, route, call).await,
+            Endpoint::Responses => self.responses(&request, delivery, call).await,
+            Endpoint::Stored { id, op } => self.stored(&request, id, op, call).await,
+            Endpoint::Ask => self.ask(&request, call).await,
+            Endpoint::Unknown => self.not_found(&request, call),
+        };
+        self.rate_headers(caller, &mut response);
+        response
+    }
+
+    /// A request whose key is missing or wrong: a 401, in OpenAI's shape on its routes.
+    fn unauthorized(
+        &self,
+        endpoint: &Endpoint<'_>,
+        path: &str,
+        refusal: Refusal,
+    ) -> Response<Reply> {
+        {
             tracing::info!(status = 401, path, reason = %refusal, "request refused");
             let mut response = if endpoint.openai() {
                 openai::unauthorized(refusal)
@@ -140,18 +169,7 @@ impl<C: Clock> App<C> {
             response
                 .headers_mut()
                 .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
-            return response;
-        }
-        match endpoint {
-            Endpoint::Chat { route } => {
-                self.chat_completions(&request, route, delivery, started)
-                    .await
-            }
-            Endpoint::Embeddings { route } => self.embeddings(&request, route, started).await,
-            Endpoint::Responses => self.responses(&request, delivery, started).await,
-            Endpoint::Stored { id, op } => self.stored(&request, id, op, started).await,
-            Endpoint::Ask => self.ask(&request, started).await,
-            Endpoint::Unknown => self.not_found(&request, started),
+            response
         }
     }
 

@@ -3,7 +3,6 @@
 //! untouched; `model` (or the path) picks the route; errors are OpenAI-style error objects.
 
 use std::sync::Arc;
-use std::time::Instant;
 
 use bytes::Bytes;
 use lambda_http::http::{HeaderValue, Method, StatusCode, header};
@@ -25,6 +24,7 @@ use crate::upstream::is_response_id;
 
 use super::app::App;
 use super::auth::Refusal;
+use super::call::{Call, estimate};
 use super::respond::{fallback_headers, json_response, retry_after_seconds};
 use super::summary::Summary;
 
@@ -35,10 +35,10 @@ pub struct ApiError {
     pub(super) message: String,
     kind: &'static str,
     pub(super) code: Option<String>,
-    param: Option<String>,
+    pub(super) param: Option<String>,
     /// Further fields inside `error` (Azure's filter verdicts, the attempts of a 503).
-    extra: Map<String, Value>,
-    retry_after: Option<u64>,
+    pub(super) extra: Map<String, Value>,
+    pub(super) retry_after: Option<u64>,
     pub(super) allow: Option<&'static str>,
 }
 
@@ -165,31 +165,52 @@ impl<C: Clock> App<C> {
         request: &Request,
         path_route: Option<&str>,
         delivery: Delivery,
-        started: Instant,
+        mut call: Call,
     ) -> Response<Reply> {
-        let (route, body) = match self.parse(request, path_route, Operation::Chat) {
+        let operation = Operation::Chat;
+        let (route, body) = match self.parse(request, path_route, operation) {
             Ok(parsed) => parsed,
-            Err(error) => return self.refused(*error, path_route, Operation::Chat, started),
+            Err(error) => return self.refused(*error, path_route, operation, call),
         };
+        let kept = match self
+            .admitted(&mut call, request, route, &body, operation)
+            .await
+        {
+            Ok(kept) => kept,
+            Err(error) => return self.refused(*error, Some(&route.name), operation, call),
+        };
+        let route = kept.as_ref().unwrap_or(route);
         let deadline = self.deadline(request);
         let stream = body.get("stream") == Some(&Value::Bool(true));
-        let result = if stream {
+        if stream {
             match self.engine.stream(route, &body, deadline, delivery).await {
-                Ok(answer) => Ok(self
-                    .streamed(answer, Operation::Chat, delivery, started)
-                    .await),
-                Err(error) => Err(error),
+                Ok(answer) => self.streamed(answer, operation, delivery, call).await,
+                Err(error) => self.unanswered(&error, operation, true, call),
             }
         } else {
-            self.engine
-                .complete(route, &body, deadline)
-                .await
-                .map(|answer| self.whole(answer, started))
-        };
-        match result {
-            Ok(response) => response,
-            Err(error) => self.unanswered(&error, Operation::Chat, stream, started),
+            match self.engine.complete(route, &body, deadline).await {
+                Ok(answer) => self.whole(answer, call),
+                Err(error) => self.unanswered(&error, operation, false, call),
+            }
         }
+    }
+
+    /// The client's access to `route` and its limits' reservation for the request (in
+    /// `call`), before any upstream call; the route as the client may use it, when that is not
+    /// `route` as configured (a batch client's).
+    pub(super) async fn admitted(
+        &self,
+        call: &mut Call,
+        request: &Request,
+        route: &Route,
+        body: &JsonBody,
+        operation: Operation,
+    ) -> Result<Option<Route>, Box<ApiError>> {
+        let raw = request.body().len();
+        let default = self.surface.limits.default_completion_tokens;
+        self.admit(call, Some(route), estimate(body, raw, operation, default))
+            .await?;
+        Ok(self.route_for_caller(call.caller, route))
     }
 
     /// A request refused before any deployment was asked: its error, and its summary line.
@@ -198,11 +219,11 @@ impl<C: Clock> App<C> {
         error: ApiError,
         path_route: Option<&str>,
         operation: Operation,
-        started: Instant,
+        call: Call,
     ) -> Response<Reply> {
-        Summary::refused(path_route.unwrap_or_default(), error.message.clone())
-            .operation(operation.label())
-            .log(error.status.as_u16(), self.engine.clock().now() - started);
+        let summary = Summary::refused(path_route.unwrap_or_default(), error.message.clone())
+            .operation(operation.label());
+        self.finish(call, summary, error.status.as_u16());
         error.into_response()
     }
 
@@ -213,16 +234,13 @@ impl<C: Clock> App<C> {
         error: &RouteError,
         operation: Operation,
         stream: bool,
-        started: Instant,
+        call: Call,
     ) -> Response<Reply> {
         let api_error = Box::<ApiError>::from(error);
-        Summary::unanswered(error, api_error.message.clone())
+        let summary = Summary::unanswered(error, api_error.message.clone())
             .operation(operation.label())
-            .streamed(stream)
-            .log(
-                api_error.status.as_u16(),
-                self.engine.clock().now() - started,
-            );
+            .streamed(stream);
+        self.finish(call, summary, api_error.status.as_u16());
         api_error.into_response()
     }
 
@@ -379,7 +397,7 @@ impl<C: Clock> App<C> {
         &self,
         answer: Answer<Document>,
         summary: Summary,
-        started: Instant,
+        call: Call,
     ) -> Response<Reply> {
         let mut response = Response::new(Reply::full(answer.output.raw.clone()));
         response.headers_mut().insert(
@@ -387,13 +405,13 @@ impl<C: Clock> App<C> {
             HeaderValue::from_static("application/json"),
         );
         fallback_headers(&mut response, &answer.deployment, answer.called());
-        summary.log(200, self.engine.clock().now() - started);
+        self.finish(call, summary, 200);
         response
     }
 
     /// A whole completion, passed through exactly as the deployment sent it; its summary logged
-    /// with the time since the request came (`started`).
-    fn whole(&self, answer: Answer<Completion>, started: Instant) -> Response<Reply> {
+    /// with the time since the request came.
+    fn whole(&self, answer: Answer<Completion>, call: Call) -> Response<Reply> {
         let mut response = Response::new(Reply::full(answer.output.raw.clone()));
         response.headers_mut().insert(
             header::CONTENT_TYPE,
@@ -401,9 +419,8 @@ impl<C: Clock> App<C> {
         );
         fallback_headers(&mut response, &answer.deployment, answer.called());
         let tokens = answer.output.total_tokens();
-        Summary::answered(&answer, tokens)
-            .operation(Operation::Chat.label())
-            .log(200, self.engine.clock().now() - started);
+        let summary = Summary::answered(&answer, tokens).operation(Operation::Chat.label());
+        self.finish(call, summary, 200);
         response
     }
 
@@ -413,18 +430,17 @@ impl<C: Clock> App<C> {
     /// wait for its report and name every deployment that wrote the answer (a continued one has
     /// two) and every deployment called for it; a streamed caller gets its headers at once.
     pub(super) async fn streamed(
-        &self,
+        self: &Arc<Self>,
         answer: Answer<Streamed>,
         operation: Operation,
         delivery: Delivery,
-        started: Instant,
+        call: Call,
     ) -> Response<Reply> {
         let summary = Summary::answered(&answer, None)
             .operation(operation.label())
             .streamed(true);
         let (mut deployment, mut attempts) = (answer.deployment, called(&answer.attempts));
         let Streamed { frames, report } = answer.output;
-        let clock = self.engine.clock().clone();
         match delivery {
             Delivery::Buffered => {
                 let report = report.await.ok();
@@ -434,12 +450,13 @@ impl<C: Clock> App<C> {
                         deployment = report.deployments.join(", ");
                     }
                 }
-                summary.ended(report).log(200, clock.now() - started);
+                self.finish(call, summary.ended(report), 200);
             }
             Delivery::Streamed => {
+                let app = Arc::clone(self);
                 let log = async move {
                     let report = report.await.ok();
-                    summary.ended(report).log(200, clock.now() - started);
+                    app.finish(call, summary.ended(report), 200);
                 };
                 tokio::spawn(log.in_current_span().with_current_subscriber());
             }

@@ -5,7 +5,6 @@
 //! where it is stored (`routing::state`).
 
 use std::sync::Arc;
-use std::time::Instant;
 
 use lambda_http::http::{Method, StatusCode};
 use lambda_http::{Request, Response};
@@ -17,6 +16,7 @@ use crate::routing::{Delivery, StateError};
 use crate::upstream::{StoredOp, is_response_id};
 
 use super::app::App;
+use super::call::Call;
 use super::openai::{ApiError, Operation, state_error};
 use super::summary::Summary;
 
@@ -25,13 +25,21 @@ impl<C: Clock> App<C> {
         self: &Arc<Self>,
         request: &Request,
         delivery: Delivery,
-        started: Instant,
+        mut call: Call,
     ) -> Response<Reply> {
         let operation = Operation::Responses;
         let (route, body) = match self.parse(request, None, operation) {
             Ok(parsed) => parsed,
-            Err(error) => return self.refused(*error, None, operation, started),
+            Err(error) => return self.refused(*error, None, operation, call),
         };
+        let kept = match self
+            .admitted(&mut call, request, route, &body, operation)
+            .await
+        {
+            Ok(kept) => kept,
+            Err(error) => return self.refused(*error, Some(&route.name), operation, call),
+        };
+        let route = kept.as_ref().unwrap_or(route);
         let deadline = self.deadline(request);
         let previous = body
             .get("previous_response_id")
@@ -42,17 +50,17 @@ impl<C: Clock> App<C> {
                 .stream_response(route, &body, deadline, delivery)
                 .await
             {
-                Ok(answer) => self.streamed(answer, operation, delivery, started).await,
-                Err(error) => self.state_failed(&error, &route.name, previous, true, started),
+                Ok(answer) => self.streamed(answer, operation, delivery, call).await,
+                Err(error) => self.state_failed(&error, &route.name, previous, true, call),
             };
         }
         match self.engine.respond(route, &body, deadline).await {
             Ok(answer) => {
                 let summary =
                     Summary::answered(&answer, answer.output.tokens).operation(operation.label());
-                self.document(answer, summary, started)
+                self.document(answer, summary, call)
             }
-            Err(error) => self.state_failed(&error, &route.name, previous, false, started),
+            Err(error) => self.state_failed(&error, &route.name, previous, false, call),
         }
     }
 
@@ -62,7 +70,7 @@ impl<C: Clock> App<C> {
         request: &Request,
         id: &str,
         op: StoredOp,
-        started: Instant,
+        mut call: Call,
     ) -> Response<Reply> {
         let operation = Operation::Responses;
         let (op, allow) = match (request.method(), op) {
@@ -81,7 +89,7 @@ impl<C: Clock> App<C> {
                 ),
             );
             e.allow = Some(allow);
-            return self.refused(*e, None, operation, started);
+            return self.refused(*e, None, operation, call);
         }
         if !is_response_id(id) {
             let mut e = ApiError::new(
@@ -90,7 +98,11 @@ impl<C: Clock> App<C> {
                 format!("Invalid response id '{id}': expected an ID that begins with 'resp'."),
             );
             e.code = Some("invalid_value".into());
-            return self.refused(*e, None, operation, started);
+            return self.refused(*e, None, operation, call);
+        }
+        // A request that costs no tokens, but a request; the id says where it goes.
+        if let Err(error) = self.admit(&mut call, None, (0, 0)).await {
+            return self.refused(*error, None, operation, call);
         }
         // The caller's paging and `include` parameters pass on; Azure's v1 takes no api-version.
         let query: Vec<&str> = request
@@ -109,9 +121,9 @@ impl<C: Clock> App<C> {
         {
             Ok(answer) => {
                 let summary = Summary::answered(&answer, None).operation(operation.label());
-                self.document(answer, summary, started)
+                self.document(answer, summary, call)
             }
-            Err(error) => self.state_failed(&error, "", false, false, started),
+            Err(error) => self.state_failed(&error, "", false, false, call),
         }
     }
 
@@ -123,16 +135,13 @@ impl<C: Clock> App<C> {
         route: &str,
         previous: bool,
         stream: bool,
-        started: Instant,
+        call: Call,
     ) -> Response<Reply> {
         let api_error = state_error(error, previous);
-        Summary::failed(route, error.attempts(), api_error.message.clone())
+        let summary = Summary::failed(route, error.attempts(), api_error.message.clone())
             .operation(Operation::Responses.label())
-            .streamed(stream)
-            .log(
-                api_error.status.as_u16(),
-                self.engine.clock().now() - started,
-            );
+            .streamed(stream);
+        self.finish(call, summary, api_error.status.as_u16());
         api_error.into_response()
     }
 }

@@ -21,6 +21,10 @@ pub(super) struct Summary {
     continued_on: Vec<String>,
     /// How a stream ended (`unknown`: the relay stopped without saying).
     ending: Option<&'static str>,
+    /// The named client that sent it.
+    client: Option<String>,
+    /// Characters of answer text a stream relayed.
+    text_chars: usize,
 }
 
 impl Summary {
@@ -36,6 +40,8 @@ impl Summary {
             error: None,
             continued_on: Vec::new(),
             ending: None,
+            client: None,
+            text_chars: 0,
         }
     }
 
@@ -57,6 +63,8 @@ impl Summary {
             error: Some(message),
             continued_on: Vec::new(),
             ending: None,
+            client: None,
+            text_chars: 0,
         }
     }
 
@@ -80,7 +88,15 @@ impl Summary {
             error: Some(message),
             continued_on: Vec::new(),
             ending: None,
+            client: None,
+            text_chars: 0,
         }
+    }
+
+    /// Answered by `deployment`, though the answer was not passed on.
+    pub fn by(mut self, deployment: &str) -> Self {
+        self.deployment = Some(deployment.to_owned());
+        self
     }
 
     pub fn operation(mut self, operation: &'static str) -> Self {
@@ -101,12 +117,34 @@ impl Summary {
         };
         self.ending = Some(report.ending.as_str());
         self.tokens = report.tokens;
+        self.text_chars = report.text_chars;
         self.attempts.extend(report.attempts);
         self.continued_on = report.deployments.into_iter().skip(1).collect();
         if report.ending != StreamEnding::Done {
             self.error = Some(format!("the stream ended: {}", report.ending.as_str()));
         }
         self
+    }
+
+    /// The named client that sent it.
+    pub fn client(mut self, client: Option<&str>) -> Self {
+        self.client = client.map(str::to_owned);
+        self
+    }
+
+    /// The tokens the answer used, when a deployment said.
+    pub fn tokens(&self) -> Option<u64> {
+        self.tokens
+    }
+
+    /// Whether a deployment answered (a stream that broke later included).
+    pub fn was_answered(&self) -> bool {
+        self.deployment.is_some()
+    }
+
+    /// Characters of answer text a stream relayed.
+    pub fn text_chars(&self) -> usize {
+        self.text_chars
     }
 
     pub fn log(&self, status: u16, latency: Duration) {
@@ -118,6 +156,7 @@ impl Summary {
             .join(" ");
         tracing::info!(
             operation = self.operation,
+            client = self.client.as_deref(),
             route = self.route,
             status,
             deployment = self.deployment,

@@ -162,7 +162,14 @@ impl<C: Clock> Failover<'_, C> {
                 out_of_time = true;
                 break;
             }
-            let skip = |i: usize| tried.rules_out(i, pool);
+            // Read before choosing: the choice holds the health table's lock.
+            let reserved: Vec<usize> = route
+                .members
+                .iter()
+                .copied()
+                .filter(|&i| self.reserved(route, i))
+                .collect();
+            let skip = |i: usize| tried.rules_out(i, pool) || reserved.contains(&i);
             let Some(choice) = self.sync.choose(&route.members, pool, skip) else {
                 break;
             };
@@ -218,6 +225,14 @@ impl<C: Clock> Failover<'_, C> {
             attempts,
             out_of_time,
         )))
+    }
+
+    /// Whether `route` keeps deployment `i` out for what it reports left (a batch client's).
+    fn reserved(&self, route: &Route, i: usize) -> bool {
+        route
+            .reserve
+            .zip(self.sync.remaining_tokens(i))
+            .is_some_and(|(reserve, left)| left < reserve)
     }
 
     /// Time left before `deadline`.
@@ -395,6 +410,7 @@ impl<C: Clock> Failover<'_, C> {
                 State::CircuitOpen { .. } => AttemptOutcome::CircuitOpen,
                 State::ProbeInFlight => AttemptOutcome::ProbeInFlight,
                 _ if tried.too_small(i, pool) => AttemptOutcome::ContextWindowTooSmall,
+                _ if self.reserved(route, i) => AttemptOutcome::ReservedForInteractive,
                 _ if out_of_time => AttemptOutcome::DeadlineExceeded,
                 _ => continue,
             };

@@ -129,8 +129,12 @@ pub struct StreamReport {
     /// The attempts made to continue (or restart) it.
     pub attempts: Vec<Attempt>,
     pub ending: StreamEnding,
-    /// `usage.total_tokens`, both deployments' when the caller asked for usage.
+    /// `usage.total_tokens` (both deployments' for a continued answer), when a deployment
+    /// said.
     pub tokens: Option<u64>,
+    /// Characters of answer text relayed: what is left to estimate its tokens from when no
+    /// deployment said.
+    pub text_chars: usize,
 }
 
 /// Where the frames go.
@@ -379,6 +383,7 @@ impl<'a, C: Clock, K: Streaming> Relay<'a, C, K> {
                 attempts: std::mem::take(&mut self.attempts),
                 ending: ending.clone(),
                 tokens: self.tokens,
+                text_chars: self.sent.chars().count(),
             });
         }
         // The caller may be gone already; the table still hears what happened. Its writes
@@ -578,6 +583,10 @@ impl<'a, C: Clock, K: Streaming> Relay<'a, C, K> {
         });
         if let Some(usage) = &usage {
             self.tokens = total_tokens(Some(usage));
+            if !chunk.content && chunk.finish.is_none() && !K::shows_usage(&self.body) {
+                // Asked for on the caller's behalf (to count it): counted, not relayed.
+                return Ok(());
+            }
         }
         let data = if current.resumed {
             let edit = Edit {

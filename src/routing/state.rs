@@ -95,6 +95,7 @@ impl<C: Clock> Conversations<'_, C> {
             name: route.name.clone(),
             members: here,
             serves: route.serves.clone(),
+            reserve: route.reserve,
         };
         Ok((holder, pinned))
     }
@@ -296,6 +297,7 @@ impl<C: Clock> Conversations<'_, C> {
             name: "responses".into(),
             members: members.to_vec(),
             serves: Serves::Generation,
+            reserve: None,
         };
         let mut writes = Writes::default();
         let result = self

@@ -178,6 +178,11 @@ impl<C: Clock> FleetSync<C> {
         self.health.state(index, self.clock.now())
     }
 
+    /// The tokens deployment `index` last reported left.
+    pub fn remaining_tokens(&self, index: usize) -> Option<u64> {
+        self.health.remaining_tokens(index)
+    }
+
     /// Deployment `index`'s average latency, when it has answered.
     pub fn latency(&self, index: usize) -> Option<Duration> {
         self.health.latency(index)

@@ -140,6 +140,26 @@ impl Streaming for Chat {
         body
     }
 
+    fn with_usage(body: &JsonBody) -> Option<JsonBody> {
+        if Self::shows_usage(body) {
+            return None;
+        }
+        let mut body = body.clone();
+        let options = body.entry("stream_options").or_insert_with(|| json!({}));
+        if !options.is_object() {
+            *options = json!({});
+        }
+        options["include_usage"] = Value::Bool(true);
+        Some(body)
+    }
+
+    fn shows_usage(body: &JsonBody) -> bool {
+        body.get("stream_options")
+            .and_then(|o| o.get("include_usage"))
+            .and_then(Value::as_bool)
+            == Some(true)
+    }
+
     /// The chunk's `id`, its first choice's content or its `usage` replaced.
     fn rewrite(chunk: &Chunk, edit: Edit<'_>) -> String {
         let Ok(mut value) = serde_json::from_str::<Value>(&chunk.data) else {

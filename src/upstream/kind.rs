@@ -102,6 +102,18 @@ pub trait Streaming: Kind {
         crate::sse::event(data)
     }
 
+    /// `body` asking for the stream's usage, when it does not already and the kind can ask
+    /// (chat's `stream_options.include_usage`): every answer's tokens are then counted.
+    fn with_usage(_body: &JsonBody) -> Option<JsonBody> {
+        None
+    }
+
+    /// Whether the caller of `body` asked to see the usage event ([`Streaming::with_usage`]
+    /// may have asked for it on the caller's behalf: it is then counted, not relayed).
+    fn shows_usage(_body: &JsonBody) -> bool {
+        true
+    }
+
     /// Whether the answer to `body` is stored where it was made, so that the fleet must
     /// remember where (its id, as the stream gives it).
     fn pins(_body: &JsonBody) -> bool {

@@ -39,6 +39,8 @@ struct Target {
     /// Each kind's `model` for the body, where the API wants one.
     models: Vec<Option<String>>,
     auth: Option<(HeaderName, HeaderValue)>,
+    /// Its API takes `stream_options` (v1, and api-version 2024-09-01-preview or later).
+    stream_usage: bool,
 }
 
 /// Kind `id`'s URL and `model` for deployment `d`: the one list of every kind of call.
@@ -89,7 +91,16 @@ impl Upstream {
                         (header, v)
                     });
                 let (urls, models) = KindId::ALL.iter().map(|&id| prepare(id, d)).unzip();
-                Target { urls, models, auth }
+                let stream_usage = match &d.api {
+                    ApiStyle::V1 => true,
+                    ApiStyle::Classic { api_version } => api_version.as_str() >= "2024-09-01",
+                };
+                Target {
+                    urls,
+                    models,
+                    auth,
+                    stream_usage,
+                }
             })
             .collect();
         Self { client, targets }
@@ -184,7 +195,13 @@ impl Upstream {
         timeout: Duration,
         first_token: Duration,
     ) -> Called<Opened> {
-        let Some(request) = self.request::<K>(index, body) else {
+        // Usage asked for where the deployment's API version knows `stream_options`.
+        let asked = self
+            .targets
+            .get(index)
+            .filter(|t| t.stream_usage)
+            .and_then(|_| K::with_usage(body));
+        let Some(request) = self.request::<K>(index, asked.as_ref().unwrap_or(body)) else {
             return Called::failed(Failure::Transient(Transient::Connect));
         };
         let started = clock.now();

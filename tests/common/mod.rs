@@ -21,6 +21,7 @@ use lambda_http::{Adapter, Context, LambdaEvent, Request, Service, service_fn};
 use lambda_runtime::layers::trace::request_span;
 use serde_json::{Value, json};
 use tracing::Instrument;
+use tracing::instrument::WithSubscriber;
 
 /// Distinctive, so a leak anywhere in logs or responses is found by a plain search.
 pub const API_KEY: &str = "sk-test-7f3a9c1e-never-log-me";
@@ -181,13 +182,16 @@ pub async fn invoke_app(
         let app = Arc::clone(&app);
         async move { Ok::<_, Infallible>(app.handle_buffered(request).await) }
     });
-    let _logs = tracing::subscriber::set_default(logs.subscriber());
+    // The logs go to `logs` while this invocation is polled, whatever else the thread runs (a
+    // test may drive several environments at once).
+    let logs = tracing::Dispatch::new(logs.subscriber());
     // The span the runtime opens around each invocation, carrying the request id.
-    let span = request_span(&context);
+    let span = tracing::dispatcher::with_default(&logs, || request_span(&context));
     let mut service = Adapter::from(handler);
     let response = service
         .call(LambdaEvent::new(payload, context))
         .instrument(span)
+        .with_subscriber(logs)
         .await
         .expect("the handler never fails");
     let raw = serde_json::to_string(&response).expect("response serialises");

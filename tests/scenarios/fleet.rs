@@ -121,6 +121,16 @@ impl FleetUnderTest {
         }
     }
 
+    /// `GET /?query=` through environment `i`, with client key `key`.
+    async fn ask_as(&self, i: usize, key: &str, query: &str) -> Reply {
+        let env = &self.environments[i];
+        let deadline = wall_ms(&self.clock) + 30_000;
+        let mut event: serde_json::Value =
+            serde_json::from_str(&http_api_get(Some(query))).unwrap();
+        event["headers"]["authorization"] = serde_json::Value::String(format!("Bearer {key}"));
+        invoke_app(&env.app, &env.logs, &event.to_string(), deadline).await
+    }
+
     /// `GET /?query=` through environment `i`.
     async fn ask(&self, i: usize, query: &str) -> Reply {
         let env = &self.environments[i];
@@ -530,4 +540,96 @@ async fn a_table_that_stops_answering_leases_delays_a_trial_by_seconds_never_loc
         "the trial came {waited:?} after the cooldown ended"
     );
     assert_eq!(f.calls("gpt-4o"), 2, "one call: the trial");
+}
+
+const CLIENT_KEY: &str = "fc-chatbot-0123456789abcdef";
+
+/// A client with `limit` tokens a minute, counted over `LIMITS_ENVIRONMENTS=4`.
+fn limited(limit: u64) -> [(&'static str, String); 4] {
+    [
+        (
+            "FALLBACK_CLIENTS",
+            format!(
+                r#"[{{"name": "chatbot", "key_env": "KEY_CHATBOT", "tokens_per_minute": {limit}}}]"#
+            ),
+        ),
+        ("KEY_CHATBOT", CLIENT_KEY.to_owned()),
+        ("LIMITS_ENVIRONMENTS", "4".to_owned()),
+        ("LIMITS_DEFAULT_COMPLETION_TOKENS", "40".to_owned()),
+    ]
+}
+
+/// `rounds` requests from each environment at once (every environment busy at the same
+/// time): per environment, the tokens its answers used and how many were refused.
+async fn burst(f: &FleetUnderTest, rounds: usize) -> Vec<(u64, usize)> {
+    let per_environment = (0..f.environments.len()).map(|i| async move {
+        let (mut used, mut refused) = (0, 0);
+        for n in 0..rounds {
+            let reply = f.ask_as(i, CLIENT_KEY, &format!("question {n}")).await;
+            match reply.status {
+                200 => used += reply.body["usage"]["total_tokens"].as_u64().unwrap(),
+                429 => refused += 1,
+                other => panic!("{other}: {:?}", reply.body),
+            }
+        }
+        (used, refused)
+    });
+    futures_util::future::join_all(per_environment).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clients_tokens_per_minute_hold_across_four_environments_sharing_the_table() {
+    let vars = limited(1200);
+    let env: Vec<(&str, &str)> = vars.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let f = FleetUnderTest::start(4, &both(), &env).await;
+    f.moto.reset();
+    let counts = burst(&f, 40).await;
+    let used: u64 = counts.iter().map(|(u, _)| u).sum();
+    let refused: usize = counts.iter().map(|(_, r)| r).sum();
+    // The fleet's grants never pass the limit; every estimate is above the real usage.
+    assert!(used <= 1200, "the fleet used {used} of 1200: {counts:?}");
+    assert!(refused > 0, "the limit was reached: {counts:?}");
+    assert!(
+        counts.iter().all(|(u, _)| *u > 0),
+        "every environment was served: {counts:?}"
+    );
+    // A lease serves several requests: far fewer table writes than requests.
+    let writes = f.moto.calls("DynamoDB_20120810.UpdateItem");
+    eprintln!("used {used} of 1200, {refused} refused, {writes} table writes: {counts:?}");
+    assert!(
+        writes > 0 && writes < 160 / 2,
+        "{writes} writes for 160 requests"
+    );
+    // The next minute frees the limit for everyone.
+    f.advance(Duration::from_secs(60));
+    assert_eq!(f.ask_as(3, CLIENT_KEY, "again").await.status, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_the_table_stopped_mid_run_each_environment_spends_its_share_alone_and_says_so_once() {
+    let vars = limited(4000);
+    let env: Vec<(&str, &str)> = vars.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let mut f = FleetUnderTest::start(2, &both(), &env).await;
+    for i in 0..2 {
+        assert_eq!(f.ask_as(i, CLIENT_KEY, "warm").await.status, 200);
+    }
+    f.moto.stop();
+    // Each environment's share is 4000 / LIMITS_ENVIRONMENTS = 1000 tokens, on top of what its
+    // lease still holds; never an outage.
+    let counts = burst(&f, 120).await;
+    for (i, (used, refused)) in counts.iter().enumerate() {
+        assert!(*used > 0, "environment {i} still served: {counts:?}");
+        assert!(
+            *refused > 0,
+            "environment {i} kept to its share: {counts:?}"
+        );
+        assert!(*used <= 1000 + 4000 / 16, "environment {i} used {used}");
+        let text = f.environments[i].logs.text();
+        assert_eq!(
+            text.matches("each execution environment now counts the clients' limits alone")
+                .count(),
+            1,
+            "said once: {text}"
+        );
+    }
 }

@@ -16,6 +16,7 @@ mod embeddings;
 mod events;
 mod fallback;
 mod fleet;
+mod limits;
 mod openai;
 mod policy;
 mod responses;
