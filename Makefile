@@ -64,6 +64,7 @@ e2e: e2e-local e2e-fleet
 e2e-local: $(VENV)/.pip
 	MAKEFLAGS= scripts/e2e.sh
 	MAKEFLAGS= scripts/e2e-responses.sh
+	MAKEFLAGS= scripts/e2e-limits.sh
 e2e-fleet: $(VENV)/.pip
 	MAKEFLAGS= scripts/e2e-fleet.sh
 

@@ -200,14 +200,12 @@ mod tests {
     use super::*;
 
     fn pool() -> Pool {
-        let config = crate::config::Config::from_lookup(|n| match n {
-            "AZURE_OPENAI_ENDPOINT" => Some("https://x.openai.azure.com".into()),
-            "AZURE_OPENAI_API_KEY" => Some("k".into()),
-            "AUTH_PROVIDED_BY" => Some("iam".into()),
-            _ => None,
-        })
-        .unwrap();
-        config.pool
+        super::super::pool::ordered(
+            "https://x.openai.azure.com".into(),
+            Secret::new("k".to_owned()),
+            vec!["gpt-4o".into()],
+            "2024-10-21",
+        )
     }
 
     fn clients(json: &str) -> Result<Vec<Client>, String> {

@@ -14,9 +14,9 @@ use crate::outcome::{Completion, ContentFilter, JsonBody};
 use crate::reply::Reply;
 use crate::routing::RouteError;
 
+use super::api::{ApiError, Operation};
 use super::app::App;
 use super::call::{Call, estimate};
-use super::openai::{ApiError, Operation};
 use super::respond::{fallback_headers, json_response, path, retry_after_seconds};
 use super::summary::Summary;
 

@@ -16,9 +16,9 @@ use crate::outcome::JsonBody;
 use crate::pool::Route;
 use crate::reply::Reply;
 
+use super::api::{ApiError, Operation};
 use super::app::App;
 use super::auth::Caller;
-use super::openai::{ApiError, Operation};
 use super::summary::Summary;
 
 /// A token is about four characters of English; JSON's framing and other scripts make three

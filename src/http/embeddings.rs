@@ -11,9 +11,9 @@ use lambda_http::{Request, Response};
 use crate::clock::Clock;
 use crate::reply::Reply;
 
+use super::api::Operation;
 use super::app::App;
 use super::call::Call;
-use super::openai::Operation;
 use super::summary::Summary;
 
 impl<C: Clock> App<C> {

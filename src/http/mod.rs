@@ -1,6 +1,7 @@
 //! The HTTP surface: one table of endpoints, client keys checked before anything costs quota,
 //! and each request's one summary log line. The only place that knows HTTP statuses.
 
+mod api;
 mod app;
 mod ask;
 pub(crate) mod auth;

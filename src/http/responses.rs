@@ -15,9 +15,10 @@ use crate::reply::Reply;
 use crate::routing::{Delivery, StateError};
 use crate::upstream::{StoredOp, is_response_id};
 
+use super::api::{ApiError, Operation};
 use super::app::App;
 use super::call::Call;
-use super::openai::{ApiError, Operation, state_error};
+use super::openai::state_error;
 use super::summary::Summary;
 
 impl<C: Clock> App<C> {

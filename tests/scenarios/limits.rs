@@ -357,3 +357,37 @@ async fn a_client_kept_to_some_routes_gets_a_403_for_the_others_at_no_cost() {
     // No limits: no rate-limit headers.
     assert_eq!(denied.header("x-ratelimit-limit-requests"), None);
 }
+
+#[tokio::test]
+async fn a_stream_cut_and_continued_counts_both_calls() {
+    let h = harness(
+        json!([{"name": "chatbot", "key_env": "KEY_CHATBOT", "tokens_per_minute": 100000}]),
+        &[],
+    )
+    .await;
+    h.set("gpt-4o", Behavior::StreamCut { after: 3 });
+    let mut body = hello();
+    body["stream"] = Value::Bool(true);
+    let reply = chat(&h, CHATBOT, body).await;
+    assert_eq!(reply.status, 200);
+    assert_eq!(h.calls("gpt-4o"), 1);
+    assert_eq!(h.calls("gpt-35-turbo"), 1);
+    let lines = h.logs.lines();
+    let summary = lines
+        .iter()
+        .find(|l| l["fields"]["message"] == "request")
+        .unwrap();
+    assert_eq!(summary["fields"]["continued_on"], "gpt-35-turbo");
+    let total = summary["fields"]["total_tokens"].as_u64().unwrap();
+    // The continuation's own usage, plus the broken stream's prompt and its three chunks.
+    let continuation = &h.emulator.requests("gpt-35-turbo")[0];
+    assert_eq!(continuation.body["stream_options"]["include_usage"], true);
+    assert!(total > 3, "{total}");
+    // What the client was counted at is what the summary says it used.
+    assert_eq!(
+        number(&reply, "x-ratelimit-remaining-tokens"),
+        100000 - total,
+        "{:?}",
+        reply.headers
+    );
+}
