@@ -814,6 +814,36 @@ def kinds(report):
                 emulator.stop()
 
 
+# The cost of counting a named client's limits (`limits`).
+LIMITS_SECONDS = knob("BENCH_LIMITS_SECONDS", 5.0)  # per run
+LIMITS_ROUNDS = knob("BENCH_LIMITS_ROUNDS", 3, int)
+
+
+def limits(report):
+    """What counting a named client's limits adds in-process: scenario 1 (both deployments
+    healthy, 8 in flight) through the handler, the caller once with a plain CLIENT_API_KEYS key
+    (nothing counted) and once as a named client with requests and tokens per minute (counted in
+    the environment, no table), in turns, LIMITS_ROUNDS times each. The table's share of the cost
+    (a lease every few requests) is in the fleet scenario's (d)."""
+    report["limits"] = []
+    clients = json.dumps([{"name": "bench", "key_env": "BENCH_CLIENT_KEY",
+                           "requests_per_minute": 10**9, "tokens_per_minute": 10**12}])
+    on = {"FALLBACK_CLIENTS": clients, "BENCH_CLIENT_KEY": CLIENT_KEY, "CLIENT_API_KEYS": ""}
+    emulator = Emulator("limits", {n: "healthy" for n in DEPLOYMENTS}, 0)
+    try:
+        for turn in range(LIMITS_ROUNDS):
+            for label, env in (("off", None), ("on", on)):
+                log(f"  limits {label}, round {turn + 1}")
+                results, elapsed, rss = inprocess_load(
+                    "app", emulator, DEPLOYMENTS[0], 8, S1_REQUESTS, LIMITS_SECONDS, 0, S1_WARMUP,
+                    LOGS / f"inprocess-limits-{label}.log", env_extra=env)
+                row = summarize(results, elapsed)
+                row.update(limits=label, round=turn + 1)
+                report["limits"].append(row)
+    finally:
+        emulator.stop()
+
+
 def scenario1_quota(report):
     """Scenario 1's in-process figures at Lambda's 128 MB CPU share: bench/inprocess (direct calls,
     then the real handler, in turns) in a cgroup with the cold-start section's quota, the emulator
@@ -1305,6 +1335,7 @@ def main():
     phase("scenario 3", scenario_errors, 3, {"gpt-4o": "503", "gpt-35-turbo": "503"},
           "gpt-4o", S3_REQUESTS, S3_SECONDS, S3_SECONDS, 0.0, False)
     phase("every kind of call", kinds)
+    phase("limits", limits)
     phase("fleet", fleet)
     phase("load", load_test)
     sizes(report)

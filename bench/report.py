@@ -246,6 +246,32 @@ def kinds_section(report, w):
     w("")
 
 
+def limits_section(report, w):
+    """What counting a named client's limits adds in-process."""
+    rows = section(report, w, "limits", "Per-client limits: what counting them costs",
+                   "bench/logs/inprocess-limits-*.log")
+    if not rows:
+        return
+    w("bench/inprocess drives the real handler with `POST /v1/chat/completions`, both deployments "
+      "healthy, 8 in flight, the caller once with a plain `CLIENT_API_KEYS` key (no limits) and once "
+      "as a named client with requests and tokens per minute, counted in the environment (no table), "
+      "in turns. Each request then reserves its estimate before the call, settles it after, and its "
+      "response carries the `x-ratelimit-*` headers.")
+    w("")
+    w("| Round | n (off) | p50 ms off | p99 ms off | n (on) | p50 ms on | p99 ms on | added p50 | added p99 |")
+    w("|---|---|---|---|---|---|---|---|---|")
+    for turn in sorted({r["round"] for r in rows}):
+        by = {r["limits"]: r for r in rows if r["round"] == turn}
+        off, on = by.get("off"), by.get("on")
+        if not (off and on):
+            continue
+        w(f"| {turn} | {off['n']} | {ms(off['p50'])} | {ms(off['p99'])} | {on['n']} | {ms(on['p50'])} | "
+          f"{ms(on['p99'])} | {added(on['p50'], off['p50'])} | {added(on['p99'], off['p99'])} |")
+    w("")
+    w("The table's part (a lease every few dozen requests) is measured with the fleet: see its (d).")
+    w("")
+
+
 def load_section(report, w):
     load = section(report, w, "load", "Load: open loop, rising rates", "bench/logs/")
     if not load:
@@ -386,6 +412,24 @@ def fleet_section(report, w):
          f"environment), one in {per_env:,.0f}." if (per_env := t["shared"]["requests"] / max(
              1, t["windows"] * t["retry_after_s"] * f["environments"])) > 20 else "."))
     w("")
+    lim = f.get("limits")
+    if lim:
+        w(f"**(d) One client's tokens per minute across the fleet**: a client with "
+          f"`tokens_per_minute: {lim['tokens_per_minute']:,}`, every environment with a chat "
+          f"request (`max_tokens: 40`) always in flight for {lim['seconds']} s within one minute "
+          "window, the limit counted through the table (each environment leases a slice of the "
+          "window, a quarter of its share, and spends it locally; `LIMITS_ENVIRONMENTS` = the "
+          "fleet's size).")
+        w("")
+        w("| limit | tokens used | overshoot | requests admitted | refused | table calls | per admitted request | per request |")
+        w("|---|---|---|---|---|---|---|---|")
+        w(f"| {lim['tokens_per_minute']:,} | {lim['used_tokens']:,} | {lim['overshoot_tokens']:,} | "
+          f"{lim['admitted']:,} | {lim['refused']:,} | {lim['table_calls']:,} | "
+          f"{lim['table_calls_per_admitted']:.3f} | {lim['table_calls_per_request']:.4f} |")
+        w("")
+        w("A refused request costs no table call once the environment has seen the window spent. "
+          "What the fleet used below the limit was leased but not yet spent when the run ended.")
+        w("")
 
 
 def cold_conditions(report):
@@ -726,6 +770,7 @@ def write(report):
 
     quota_section(report, w)
     kinds_section(report, w)
+    limits_section(report, w)
 
     # Scenario 2
     w("## Scenario 2: gpt-4o throttled, gpt-35-turbo healthy (the original app's situation)")

@@ -29,7 +29,12 @@ use crate::{http, upstream};
 pub const CLIENT_KEY: &str = "fc-example-client-key-0000";
 
 /// Names [`config`] never reads: they name files, and the file system is not outside input.
-const FILES: &[&str] = &["FALLBACK_POOL_FILE", "EXTRA_CA_CERTS", "LAMBDA_TASK_ROOT"];
+const FILES: &[&str] = &[
+    "FALLBACK_POOL_FILE",
+    "FALLBACK_CLIENTS_FILE",
+    "EXTRA_CA_CERTS",
+    "LAMBDA_TASK_ROOT",
+];
 
 thread_local! {
     // One runtime per fuzzing thread, current-thread as Lambda's own.

@@ -183,6 +183,12 @@ impl<C: Clock> App<C> {
         })
     }
 
+    /// How many calls this environment has made to the health table for the clients' limits
+    /// (leases of a window), for what a request costs in them.
+    pub fn limit_table_calls(&self) -> u64 {
+        self.limits.table_calls()
+    }
+
     /// Whether the runtime loop streams responses (`RESPONSE_MODE=streaming`).
     pub fn response_streaming(&self) -> bool {
         self.surface.response_streaming

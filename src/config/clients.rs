@@ -1,8 +1,8 @@
 //! Reads the named clients: JSON in `FALLBACK_CLIENTS` (or a file named by
-//! `FALLBACK_CLIENTS_FILE`), a list of clients each with a name, the variables holding its keys
-//! (never a key inline; a variable may hold a Secrets Manager or SSM reference, resolved like the
-//! pool's keys), optional limits, the routes it may use and a priority. Every mistake names the
-//! client and the field.
+//! `FALLBACK_CLIENTS_FILE`), a list of clients each with a name, its keys (never inline: the
+//! variables holding them, `key_env`, or Secrets Manager / SSM references to them, `key_ref`,
+//! resolved like the pool's keys), optional limits, the routes it may use and a priority. Every
+//! mistake names the client and the field.
 
 use std::collections::HashSet;
 
@@ -52,7 +52,7 @@ pub struct Client {
     pub name: String,
     /// Its keys, as the variables hold them (a reference until `keys::resolve` replaced it).
     pub keys: Vec<Secret>,
-    /// The variable each key came from, for messages.
+    /// Where each key came from (its variable, or the reference's place), for messages.
     pub key_vars: Vec<String>,
     pub limits: Limits,
     /// The routes it may use (`None`: all of them).
@@ -72,7 +72,9 @@ enum KeyEnv {
 #[serde(deny_unknown_fields)]
 struct ClientSpec {
     name: String,
-    key_env: KeyEnv,
+    key_env: Option<KeyEnv>,
+    /// Secrets Manager or SSM references to the keys (a reference is not a secret).
+    key_ref: Option<KeyEnv>,
     requests_per_minute: Option<u64>,
     tokens_per_minute: Option<u64>,
     tokens_per_day: Option<u64>,
@@ -82,12 +84,14 @@ struct ClientSpec {
 }
 
 /// Parses and validates the clients JSON against `pool` (the routes they name must exist).
-/// `var` names where it came from; `lookup` reads the key variables.
+/// `var` names where it came from; `lookup` reads the key variables; `is_reference` tells a
+/// reference to a key held in AWS.
 pub fn parse(
     json: &str,
     var: &'static str,
     pool: &Pool,
     lookup: &dyn Fn(&str) -> Option<String>,
+    is_reference: &dyn Fn(&str) -> bool,
 ) -> Result<Vec<Client>, ConfigError> {
     let invalid = |reason: String| ConfigError::Invalid { var, reason };
     let specs: Vec<ClientSpec> = serde_json::from_str(json).map_err(|e| {
@@ -119,20 +123,37 @@ pub fn parse(
         if !names.insert(spec.name.clone()) {
             return Err(at("name", "another client has the same name".into()));
         }
-        let key_vars = match spec.key_env {
-            KeyEnv::One(v) => vec![v],
-            KeyEnv::Many(v) => v,
+        let list = |k: Option<KeyEnv>| match k {
+            None => Vec::new(),
+            Some(KeyEnv::One(v)) => vec![v],
+            Some(KeyEnv::Many(v)) => v,
         };
-        if key_vars.is_empty() {
-            return Err(at("key_env", "names no variable".into()));
+        let (vars, refs) = (list(spec.key_env), list(spec.key_ref));
+        if vars.is_empty() && refs.is_empty() {
+            return Err(at(
+                "key_env",
+                "missing: name the variable that holds the client's key (or give \"key_ref\", a Secrets Manager or SSM reference to it)".into(),
+            ));
         }
-        let mut keys = Vec::with_capacity(key_vars.len());
-        for v in &key_vars {
-            let value = lookup(v)
+        let mut keys = Vec::with_capacity(vars.len() + refs.len());
+        let mut key_vars = Vec::with_capacity(keys.capacity());
+        for v in vars {
+            let value = lookup(&v)
                 .map(|k| k.trim().to_owned())
                 .filter(|k| !k.is_empty())
                 .ok_or_else(|| at("key_env", format!("the variable {v} it names is not set")))?;
             keys.push(Secret::new(value));
+            key_vars.push(v);
+        }
+        for r in refs {
+            if !is_reference(&r) {
+                return Err(at(
+                    "key_ref",
+                    "expected a Secrets Manager or SSM reference (arn:aws:secretsmanager:..., secretsmanager:NAME#field, ssm:/PATH); a key itself goes in a variable named by \"key_env\"".into(),
+                ));
+            }
+            key_vars.push(format!("{var} (client {:?}, key_ref)", spec.name));
+            keys.push(Secret::new(r));
         }
         let limit = |field: &str, value: Option<u64>| match value {
             Some(0) => Err(at(
@@ -214,7 +235,8 @@ mod tests {
             "KEY_B" => Some("fc-bbbbbbbbbbbbbbbbbbbb".to_owned()),
             _ => None,
         };
-        parse(json, "FALLBACK_CLIENTS", &pool(), &lookup).map_err(|e| e.to_string())
+        let is_reference = |r: &str| r.starts_with("secretsmanager:") || r.starts_with("ssm:");
+        parse(json, "FALLBACK_CLIENTS", &pool(), &lookup, &is_reference).map_err(|e| e.to_string())
     }
 
     #[test]
@@ -234,6 +256,15 @@ mod tests {
         assert_eq!(c[1].key_vars, ["KEY_A", "KEY_B"]);
         assert_eq!(c[1].priority, Priority::Batch);
         assert_eq!(c[1].limits.tokens_per_day, Some(2_000_000));
+        let held = clients(
+            r#"[{"name": "c", "key_ref": ["secretsmanager:fallback-chat/clients#c", "ssm:/fc/c"]}]"#,
+        )
+        .unwrap();
+        assert_eq!(
+            held[0].keys[0].expose(),
+            "secretsmanager:fallback-chat/clients#c"
+        );
+        assert_eq!(held[0].key_vars.len(), 2);
     }
 
     #[test]
@@ -272,6 +303,11 @@ mod tests {
                 "unknown field `tokens_per_hour`",
             ),
             ("[]", "holds no client"),
+            (r#"[{"name": "a"}]"#, "client \"a\", key_env: missing"),
+            (
+                r#"[{"name": "a", "key_ref": "fc-plain-key-000000000"}]"#,
+                "client \"a\", key_ref: expected a Secrets Manager or SSM reference",
+            ),
         ];
         for (json, expected) in cases {
             let err = clients(json).err().unwrap_or_default();

@@ -5,6 +5,7 @@
 pub mod clients;
 pub mod keys;
 mod pool;
+mod reference;
 
 use std::time::Duration;
 
@@ -237,7 +238,9 @@ impl Config {
         };
         let client_keys = get("CLIENT_API_KEYS").map(Secret::new);
         let clients = match source(&get, "FALLBACK_CLIENTS", "FALLBACK_CLIENTS_FILE")? {
-            Some((json, var)) => clients::parse(&json, var, &pool, &get)?,
+            Some((json, var)) => clients::parse(&json, var, &pool, &get, &|r| {
+                reference::reference(r).is_some()
+            })?,
             None => Vec::new(),
         };
         let limits = LimitSettings {

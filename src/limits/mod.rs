@@ -21,7 +21,7 @@ pub use ledger::{Ledger, LedgerError};
 pub use window::{Span, Window, openai_duration};
 
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, UNIX_EPOCH};
 
 use crate::clock::{Clock, millis};
@@ -219,6 +219,8 @@ pub struct Limiter<C: Clock> {
     timeout: Duration,
     /// The table could not be reached; said once, until it answers again.
     alone: AtomicBool,
+    /// Calls made to the table, for what a request costs in them.
+    table_calls: AtomicU64,
 }
 
 impl<C: Clock> Limiter<C> {
@@ -252,6 +254,7 @@ impl<C: Clock> Limiter<C> {
             settings,
             timeout,
             alone: AtomicBool::new(false),
+            table_calls: AtomicU64::new(0),
         }
     }
 
@@ -260,6 +263,11 @@ impl<C: Clock> Limiter<C> {
             .wall()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as u64)
+    }
+
+    /// How many calls this environment has made to the table for the clients' limits.
+    pub fn table_calls(&self) -> u64 {
+        self.table_calls.load(Ordering::Relaxed)
     }
 
     /// The client's name.
@@ -358,6 +366,7 @@ impl<C: Clock> Limiter<C> {
             asked.push(need);
         }
         for ask in asked {
+            self.table_calls.fetch_add(1, Ordering::Relaxed);
             let started = self.clock.now();
             let result = self
                 .clock

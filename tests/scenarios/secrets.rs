@@ -470,3 +470,40 @@ async fn an_endpoint_that_does_not_answer_fails_in_time_saying_where_it_tried() 
     );
     assert!(error.contains(arn), "{error}");
 }
+
+#[tokio::test]
+async fn named_clients_keys_may_be_referenced_inline_or_held_in_their_variables() {
+    let aws = Aws::start().await;
+    let clients = format!(
+        r#"[{{"name": "team", "key_ref": "{}#east", "requests_per_minute": 5}},
+            {{"name": "other", "key_env": "KEY_OTHER"}}]"#,
+        aws.json_arn
+    );
+    let west = format!("{}#west", aws.json_arn);
+    let c = aws
+        .resolved(&[
+            ("AZURE_OPENAI_API_KEY", "sk-plain-azure-key"),
+            ("FALLBACK_CLIENTS", &clients),
+            ("KEY_OTHER", &west),
+        ])
+        .await;
+    assert_eq!(c.clients[0].keys[0].expose(), EAST_KEY);
+    assert_eq!(c.clients[1].keys[0].expose(), WEST_KEY);
+    assert!(ClientKeys::from_config(&c).is_ok());
+    // One secret, fetched once for both fields.
+    assert_eq!(aws.moto.calls(GET_SECRET), 1);
+
+    // A field the secret does not have names the client, never a value.
+    let missing = format!(
+        r#"[{{"name": "team", "key_ref": "{}#north"}}]"#,
+        aws.json_arn
+    );
+    let error = aws
+        .refused(&[
+            ("AZURE_OPENAI_API_KEY", "sk-plain-azure-key"),
+            ("FALLBACK_CLIENTS", &missing),
+        ])
+        .await;
+    assert!(error.contains("client \"team\""), "{error}");
+    assert!(error.contains("north"), "{error}");
+}

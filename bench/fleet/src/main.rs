@@ -8,12 +8,16 @@
 //! (b) gpt-4o hangs, then recovers: requests that waited for a whole attempt timeout (or a
 //!     probe's), calls to gpt-4o during the outage, seconds from recovery until it answers again.
 //! (c) the table's reads (GetItem of the shared item) against moto: p50 and p99.
+//! (d) one client's tokens per minute, counted through the table by every environment with a
+//!     request always in flight: tokens used against the limit (the overshoot), requests
+//!     admitted and refused, table calls per request.
 //!
 //! The local-only and shared runs of (a) and of (b) run side by side, each against an emulator
 //! of its own: what they report are counts and timeouts, not microseconds.
 //!
 //! Usage: fleet --moto http://127.0.0.1:PORT [--environments 16] [--rate 0] [--windows 4]
 //!              [--retry-after 7] [--hang 30] [--attempt-timeout-ms 10000] [--reads 500]
+//!              [--tokens-per-minute 20000] [--limit-seconds 10] [--only limits]
 //! Prints one JSON object on stdout.
 
 use std::collections::HashMap;
@@ -46,6 +50,10 @@ struct Args {
     hang: u64,
     attempt_timeout_ms: u64,
     reads: usize,
+    tokens_per_minute: u64,
+    limit_seconds: u64,
+    /// Only this scenario (`limits`), when given.
+    only: Option<String>,
 }
 
 fn args() -> Result<Args, String> {
@@ -58,6 +66,9 @@ fn args() -> Result<Args, String> {
         hang: 30,
         attempt_timeout_ms: 10_000,
         reads: 500,
+        tokens_per_minute: 20_000,
+        limit_seconds: 10,
+        only: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -72,6 +83,9 @@ fn args() -> Result<Args, String> {
             "--hang" => a.hang = num(&value)? as u64,
             "--attempt-timeout-ms" => a.attempt_timeout_ms = num(&value)? as u64,
             "--reads" => a.reads = num(&value)? as usize,
+            "--tokens-per-minute" => a.tokens_per_minute = num(&value)? as u64,
+            "--limit-seconds" => a.limit_seconds = num(&value)? as u64,
+            "--only" => a.only = Some(value),
             _ => return Err(format!("unknown option {flag:?}")),
         }
     }
@@ -344,6 +358,119 @@ async fn reads(args: &Args) -> Value {
     json!({"n": ms.len(), "p50_ms": at(0.5), "p99_ms": at(0.99)})
 }
 
+const CLIENT_KEY: &str = "fc-bench-client-0123456789";
+
+/// (d): every environment with a request always in flight for one client whose tokens per
+/// minute are counted through the table, within one minute window.
+async fn limits(args: &Args) -> Value {
+    let table = "fleet-limits";
+    create_table(&args.moto, table).await;
+    let emulator = Emulator::builder()
+        .api_key(KEY)
+        .deployment("gpt-4o", Behavior::Healthy)
+        .start()
+        .await
+        .expect("the emulator starts");
+    let clients = json!([{"name": "bench", "key_env": "KEY_BENCH",
+                          "tokens_per_minute": args.tokens_per_minute}]);
+    let vars: HashMap<&str, String> = HashMap::from([
+        ("AZURE_OPENAI_ENDPOINT", emulator.url()),
+        ("AZURE_OPENAI_API_KEY", KEY.to_owned()),
+        ("AZURE_OPENAI_DEPLOYMENTS", "gpt-4o".to_owned()),
+        ("FALLBACK_CLIENTS", clients.to_string()),
+        ("KEY_BENCH", CLIENT_KEY.to_owned()),
+        ("LIMITS_ENVIRONMENTS", args.environments.to_string()),
+        ("HEALTH_TABLE", table.to_owned()),
+        ("HEALTH_TIMEOUT_MS", "200".to_owned()),
+    ]);
+    let config = Config::from_lookup(|k| vars.get(k).cloned()).expect("a valid configuration");
+    let apps: Vec<Arc<App>> = (0..args.environments)
+        .map(|i| {
+            let fleet = Fleet::new(client(&args.moto), table);
+            let app = App::with_fleet(
+                config.clone(),
+                fallback_chat::clock::SystemClock,
+                i as u64,
+                Some(fleet),
+            )
+            .expect("the app builds");
+            Arc::new(app)
+        })
+        .collect();
+    // The whole run within one minute window: start early in one.
+    let into_minute = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+        % 60_000;
+    if into_minute + args.limit_seconds * 1000 > 55_000 {
+        tokio::time::sleep(Duration::from_millis(60_500 - into_minute)).await;
+    }
+    let until = Instant::now() + Duration::from_secs(args.limit_seconds);
+    let tasks: Vec<_> = apps
+        .iter()
+        .map(|app| {
+            let app = Arc::clone(app);
+            tokio::spawn(async move {
+                let (mut used, mut admitted, mut refused) = (0u64, 0u64, 0u64);
+                while Instant::now() < until {
+                    match ask_as_client(&app).await {
+                        Some(tokens) => {
+                            used += tokens;
+                            admitted += 1;
+                        }
+                        None => refused += 1,
+                    }
+                }
+                (used, admitted, refused)
+            })
+        })
+        .collect();
+    let (mut used, mut admitted, mut refused) = (0, 0, 0);
+    for task in tasks {
+        let (u, a, r) = task.await.unwrap_or_default();
+        (used, admitted, refused) = (used + u, admitted + a, refused + r);
+    }
+    let table_calls: u64 = apps.iter().map(|a| a.limit_table_calls()).sum();
+    let requests = admitted + refused;
+    json!({
+        "tokens_per_minute": args.tokens_per_minute,
+        "seconds": args.limit_seconds,
+        "used_tokens": used,
+        "overshoot_tokens": used.saturating_sub(args.tokens_per_minute),
+        "admitted": admitted,
+        "refused": refused,
+        "table_calls": table_calls,
+        "table_calls_per_request": if requests > 0 { table_calls as f64 / requests as f64 } else { 0.0 },
+        "table_calls_per_admitted": if admitted > 0 { table_calls as f64 / admitted as f64 } else { 0.0 },
+    })
+}
+
+/// A chat completion as the limited client (40 tokens at most); the tokens it used, or `None`
+/// when its limit refused it.
+async fn ask_as_client(app: &Arc<App>) -> Option<u64> {
+    let body = json!({"model": "gpt-4o", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 40});
+    let event = json!({
+        "version": "2.0", "routeKey": "$default", "rawPath": "/v1/chat/completions", "rawQueryString": "",
+        "headers": {"host": "bench.execute-api.us-east-1.amazonaws.com", "content-type": "application/json",
+                    "authorization": format!("Bearer {CLIENT_KEY}")},
+        "requestContext": {"accountId": "123456789012", "apiId": "bench", "http": {"method": "POST",
+            "path": "/v1/chat/completions", "protocol": "HTTP/1.1", "sourceIp": "203.0.113.10", "userAgent": "bench"},
+            "requestId": "bench", "routeKey": "$default", "stage": "$default", "timeEpoch": 0},
+        "body": body.to_string(),
+        "isBase64Encoded": false
+    });
+    let request = lambda_http::request::from_str(&event.to_string()).expect("an API Gateway event");
+    let response = app.handle_buffered(request).await;
+    if response.status() != 200 {
+        return None;
+    }
+    let body: Value = match response.body() {
+        lambda_http::Body::Text(text) => serde_json::from_str(text).unwrap_or_default(),
+        _ => Value::Null,
+    };
+    body["usage"]["total_tokens"].as_u64()
+}
+
 #[tokio::main]
 async fn main() {
     let args = match args() {
@@ -353,6 +480,14 @@ async fn main() {
             std::process::exit(2);
         }
     };
+    if args.only.as_deref() == Some("limits") {
+        let limits = limits(&args).await;
+        println!(
+            "{}",
+            json!({"environments": args.environments, "limits": limits})
+        );
+        return;
+    }
     let (throttle_local, throttle_shared) = tokio::join!(
         throttle(&args, None),
         throttle(&args, Some("fleet-throttle"))
@@ -360,6 +495,7 @@ async fn main() {
     let (hang_local, hang_shared) =
         tokio::join!(hang(&args, None), hang(&args, Some("fleet-hang")));
     let reads = reads(&args).await;
+    let limits = limits(&args).await;
     println!(
         "{}",
         json!({
@@ -370,6 +506,7 @@ async fn main() {
                          "local": throttle_local, "shared": throttle_shared},
             "hang": {"seconds": args.hang, "local": hang_local, "shared": hang_shared},
             "table_reads": reads,
+            "limits": limits,
         })
     );
 }
