@@ -1297,7 +1297,8 @@ def main():
                         "FLEET_RATE": FLEET_RATE, "LOAD_RATES": LOAD_RATES,
                         "LOAD_SECONDS": LOAD_SECONDS, "LOAD_LATENCY_MS": LOAD_LATENCY_MS,
                         "LOAD_ENVIRONMENTS": LOAD_ENVIRONMENTS, "KINDS_SECONDS": KINDS_SECONDS,
-                        "KINDS_S2_SECONDS": KINDS_S2_SECONDS},
+                        "KINDS_S2_SECONDS": KINDS_S2_SECONDS, "LIMITS_SECONDS": LIMITS_SECONDS,
+                        "LIMITS_ROUNDS": LIMITS_ROUNDS},
               "systems": {s.key: {"name": s.name, "floor": s.floor, "note": s.note,
                                   "scenarios": list(s.scenarios), "alongside": list(s.alongside)}
                           for s in SYSTEMS},

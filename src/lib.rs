@@ -189,6 +189,18 @@ impl<C: Clock> App<C> {
         self.limits.table_calls()
     }
 
+    /// Whether some client's limits are counted through the fleet's table: the environment
+    /// then holds leases to give back before it shuts down ([`App::release_leases`]).
+    pub fn shares_limits(&self) -> bool {
+        self.limits.shared()
+    }
+
+    /// Before the environment shuts down: the unspent leases of the clients' limits given back
+    /// to the fleet (what was given back, in requests and tokens together).
+    pub async fn release_leases(&self) -> u64 {
+        self.limits.release().await
+    }
+
     /// Whether the runtime loop streams responses (`RESPONSE_MODE=streaming`).
     pub fn response_streaming(&self) -> bool {
         self.surface.response_streaming

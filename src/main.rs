@@ -12,6 +12,7 @@ use std::convert::Infallible;
 use std::process::ExitCode;
 use std::sync::Arc;
 
+use fallback_chat::clock::{Clock, SystemClock};
 use fallback_chat::config::Config;
 use fallback_chat::error::ConfigError;
 use fallback_chat::telemetry;
@@ -116,6 +117,87 @@ where
     })
 }
 
+/// The Runtime API's base URL, from `AWS_LAMBDA_RUNTIME_API` (`host:port`).
+fn runtime_api() -> Option<Uri> {
+    let api = std::env::var("AWS_LAMBDA_RUNTIME_API").ok()?;
+    api.parse::<Uri>()
+        .ok()
+        .filter(|uri| uri.scheme().is_some())
+        .or_else(|| format!("http://{api}").parse().ok())
+}
+
+/// Lambda sends the function SIGTERM before it shuts an execution environment down only when an
+/// extension is registered. This registers a no-op internal one (subscribed to no event, as
+/// lambda_runtime's `spawn_graceful_shutdown_handler` does) and, on SIGTERM, gives the clients'
+/// unspent leases back to the fleet before the process exits. Written with the Runtime API
+/// client rather than that helper's lambda-extension crate: two requests, where the crate would
+/// bring chrono and tracing-subscriber's env-filter (a regex engine) into the binary. Any
+/// failure leaves the function as it was: the leases then lapse with their window.
+async fn release_leases_at_shutdown(app: Arc<App>) {
+    // Within Lambda's 500 ms between SIGTERM and SIGKILL, with room to exit.
+    const RELEASE_LIMIT: std::time::Duration = std::time::Duration::from_millis(300);
+    let Some(base) = runtime_api() else {
+        return;
+    };
+    let Ok(client) = Client::builder().with_endpoint(base).build() else {
+        return;
+    };
+    let client = Arc::new(client);
+    let register = build_request()
+        .method(Method::POST)
+        .uri("/2020-01-01/extension/register")
+        .header("Lambda-Extension-Name", "fallback-chat-lease-release")
+        .header("content-type", "application/json")
+        .body(r#"{"events":[]}"#.into());
+    let id = match register.map(|request| client.call(request)) {
+        Ok(call) => match call.await {
+            Ok(response) if response.status().is_success() => response
+                .headers()
+                .get("lambda-extension-identifier")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned),
+            _ => None,
+        },
+        Err(_) => None,
+    };
+    let Some(id) = id else {
+        tracing::info!("no extension registered: unspent leases lapse with their window");
+        return;
+    };
+    // The extension waits for its next event, which never comes (it asked for none).
+    let waiting = Arc::clone(&client);
+    tokio::spawn(async move {
+        loop {
+            let next = build_request()
+                .method(Method::GET)
+                .uri("/2020-01-01/extension/event/next")
+                .header("Lambda-Extension-Identifier", id.as_str())
+                .body(lambda_runtime_api_client::body::Body::empty());
+            let Ok(next) = next else { return };
+            if waiting.call(next).await.is_err() {
+                return;
+            }
+        }
+    });
+    let Ok(mut sigterm) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+    else {
+        return;
+    };
+    tokio::spawn(async move {
+        sigterm.recv().await;
+        match SystemClock
+            .timeout(RELEASE_LIMIT, app.release_leases())
+            .await
+        {
+            Some(released) => {
+                tracing::info!(released, "shutting down: unspent leases given back");
+            }
+            None => tracing::warn!("shutting down: giving the unspent leases back took too long"),
+        }
+        std::process::exit(0);
+    });
+}
+
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> ExitCode {
     // JSON lines when AWS_LAMBDA_LOG_FORMAT=JSON, level from AWS_LAMBDA_LOG_LEVEL or RUST_LOG.
@@ -147,6 +229,9 @@ async fn main() -> ExitCode {
 
     // Built once, shared by every invocation of this execution environment.
     let app = Arc::new(app);
+    if app.shares_limits() {
+        release_leases_at_shutdown(Arc::clone(&app)).await;
+    }
     let result = if streaming {
         // Function URL with InvokeMode RESPONSE_STREAM: frames reach the caller as they come.
         let handler = service_fn(move |request: Request| {

@@ -87,6 +87,22 @@ impl Ledger {
             },
         }
     }
+
+    /// Gives `amount` of item `key`'s window back to the fleet: leased, and not spent.
+    pub async fn release(&self, key: &str, amount: u64) -> Result<(), LedgerError> {
+        self.client
+            .update_item()
+            .table_name(&*self.table)
+            .key("pk", AttributeValue::S(key.to_owned()))
+            .update_expression("ADD #g :n")
+            .condition_expression("attribute_exists(#g)")
+            .expression_attribute_names("#g", GRANTED)
+            .expression_attribute_values(":n", AttributeValue::N(format!("-{amount}")))
+            .send()
+            .await
+            .map(|_| ())
+            .map_err(describe)
+    }
 }
 
 fn number(n: u64) -> AttributeValue {

@@ -10,7 +10,8 @@
 //! lease of a limit's window (a slice of it, granted by a conditional `ADD` that keeps the
 //! fleet's grants within the limit) and spends it locally, so a request calls the table only
 //! when its environment's lease has run out. What a lease leaves unspent is spent by the
-//! environment's next requests in the same window. Without a table, each environment counts the
+//! environment's next requests in the same window, or given back to the fleet when the
+//! environment shuts down ([`Limiter::release`]). Without a table, each environment counts the
 //! limit alone; with a table that is slow or down, each environment spends at most its share
 //! of every limit (the limit over `LIMITS_ENVIRONMENTS`) on its own, and says so once.
 
@@ -265,6 +266,11 @@ impl<C: Clock> Limiter<C> {
             .map_or(0, |d| d.as_millis() as u64)
     }
 
+    /// Whether some client's limits are counted through the table (leases to give back).
+    pub fn shared(&self) -> bool {
+        self.ledger.is_some() && self.clients.iter().any(|c| !c.meters.is_empty())
+    }
+
     /// How many calls this environment has made to the table for the clients' limits.
     pub fn table_calls(&self) -> u64 {
         self.table_calls.load(Ordering::Relaxed)
@@ -471,6 +477,48 @@ impl<C: Clock> Limiter<C> {
                 held.balance += returned;
             }
         }
+    }
+
+    /// Gives every lease this environment holds and has not spent back to the fleet, for the
+    /// windows still current: when the environment shuts down, what it leased is not lost to
+    /// the others. Each call bounded by the table's time limit; what could not be given back is
+    /// lost to the window, as it would have been.
+    pub async fn release(&self) -> u64 {
+        let Some(ledger) = &self.ledger else {
+            return 0;
+        };
+        let now = self.now_ms();
+        let mut returns = Vec::new();
+        for named in &self.clients {
+            for meter in &named.meters {
+                let (window, mut held) = meter.current(now);
+                if held.balance > 0 {
+                    let amount = held.balance as u64;
+                    held.balance = 0;
+                    let key = Ledger::key(&named.name, meter.counter.name(), window.start);
+                    returns.push((key, amount));
+                }
+            }
+        }
+        let released = returns.iter().map(|(key, amount)| async move {
+            self.table_calls.fetch_add(1, Ordering::Relaxed);
+            let done = self
+                .clock
+                .timeout(self.timeout, ledger.release(key, *amount))
+                .await;
+            matches!(done, Some(Ok(()))).then_some(*amount).unwrap_or(0)
+        });
+        let total = futures_util::future::join_all(released)
+            .await
+            .into_iter()
+            .sum();
+        if total > 0 {
+            tracing::info!(
+                released = total,
+                "unspent leases of the clients' limits given back"
+            );
+        }
+        total
     }
 
     /// Where `client` stands now: the shortest window of each measure it is limited over.

@@ -633,3 +633,45 @@ async fn with_the_table_stopped_mid_run_each_environment_spends_its_share_alone_
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_environment_that_shuts_down_gives_its_unspent_lease_back_to_the_fleet() {
+    let vars = limited(1200);
+    let env: Vec<(&str, &str)> = vars.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let f = FleetUnderTest::start(2, &both(), &env).await;
+    let reply = f.ask_as(0, CLIENT_KEY, "hello").await;
+    assert_eq!(reply.status, 200);
+    let used = reply.body["usage"]["total_tokens"].as_u64().unwrap();
+    let window = wall_ms(&f.clock) / 60_000 * 60_000;
+    let granted = || async {
+        let item = client(&f.moto.endpoint())
+            .get_item()
+            .table_name(TABLE)
+            .key(
+                "pk",
+                aws_sdk_dynamodb::types::AttributeValue::S(format!(
+                    "limit#chatbot#tokens_per_minute#{window}"
+                )),
+            )
+            .send()
+            .await
+            .expect("GetItem");
+        item.item().unwrap()["granted"]
+            .as_n()
+            .unwrap()
+            .parse::<u64>()
+            .unwrap()
+    };
+    // A lease is more than one request needs: the rest waits in environment 0.
+    let leased = granted().await;
+    assert!(leased > used, "leased {leased}, used {used}");
+    assert!(f.environments[0].app.release_leases().await > 0);
+    assert_eq!(
+        granted().await,
+        used,
+        "what was not spent is the fleet's again"
+    );
+    // Nothing is left to give back, and the environment still serves (with a new lease).
+    assert_eq!(f.environments[0].app.release_leases().await, 0);
+    assert_eq!(f.ask_as(0, CLIENT_KEY, "again").await.status, 200);
+}
