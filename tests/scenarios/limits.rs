@@ -209,7 +209,10 @@ async fn a_spent_daily_quota_is_insufficient_quota_and_a_failed_call_costs_nothi
     // The day renews at midnight UTC.
     let wait: u64 = refused.header("retry-after").unwrap().parse().unwrap();
     let midnight = (86_400_000 - common::wall_ms(&*h.clock) % 86_400_000).div_ceil(1000);
-    assert!(wait.abs_diff(midnight) <= 1, "{wait} s, midnight in {midnight} s");
+    assert!(
+        wait.abs_diff(midnight) <= 1,
+        "{wait} s, midnight in {midnight} s"
+    );
 }
 
 #[tokio::test]
