@@ -27,6 +27,8 @@ pub enum AttemptOutcome {
     BadResponse,
     /// 401, 403 or 404: a configuration fault.
     Misconfigured,
+    /// No Entra ID token could be had for it.
+    TokenUnavailable,
     /// Azure's content filter refused the prompt: the request ends here.
     ContentFilter,
     /// 400: too long for this deployment's context window.
@@ -78,6 +80,7 @@ impl AttemptOutcome {
             Self::ConnectionReset => "connection_reset",
             Self::BadResponse => "bad_response",
             Self::Misconfigured => "misconfigured",
+            Self::TokenUnavailable => "token_unavailable",
             Self::ContentFilter => "content_filter",
             Self::ContextLengthExceeded => "context_length_exceeded",
             Self::Rejected => "rejected",

@@ -53,6 +53,7 @@ use crate::health::{Breaker, Fleet};
 use crate::http::Surface;
 use crate::limits::{Ledger, Limiter};
 use crate::net::Http;
+use crate::pool::{Auth, EntraCredential};
 use crate::routing::{Engine, Settings};
 
 pub use crate::http::App;
@@ -72,7 +73,10 @@ impl App<SystemClock> {
     /// before the first request.
     pub async fn start(config: Config) -> Result<Self, ConfigError> {
         let http = http_client(&config)?;
-        let aws = if keys::referenced(&config) || config.health_table.is_some() {
+        let federated = config.pool.deployments.iter().any(|d| {
+            matches!(&d.auth, Auth::Entra(app) if matches!(app.credential, EntraCredential::AwsFederation { .. }))
+        });
+        let aws = if keys::referenced(&config) || config.health_table.is_some() || federated {
             Some(aws_config(&http).await)
         } else {
             None
@@ -88,7 +92,14 @@ impl App<SystemClock> {
             }
             None => (config, None),
         };
-        let app = Self::build(config, &http, SystemClock, fastrand::u64(..), fleet)?;
+        let app = Self::build(
+            config,
+            &http,
+            SystemClock,
+            fastrand::u64(..),
+            fleet,
+            aws.as_ref(),
+        )?;
         app.engine.warm_up().await;
         Ok(app)
     }
@@ -128,7 +139,19 @@ impl<C: Clock> App<C> {
         fleet: Option<Fleet>,
     ) -> Result<Self, ConfigError> {
         let http = http_client(&config)?;
-        Self::build(config, &http, clock, seed, fleet)
+        Self::build(config, &http, clock, seed, fleet, None)
+    }
+
+    /// As [`App::with_fleet`], reaching AWS (STS, for Entra ID federation) through `aws`.
+    pub fn with_aws(
+        config: Config,
+        clock: C,
+        seed: u64,
+        fleet: Option<Fleet>,
+        aws: &SdkConfig,
+    ) -> Result<Self, ConfigError> {
+        let http = http_client(&config)?;
+        Self::build(config, &http, clock, seed, fleet, Some(aws))
     }
 
     fn build(
@@ -137,6 +160,7 @@ impl<C: Clock> App<C> {
         clock: C,
         seed: u64,
         fleet: Option<Fleet>,
+        aws: Option<&SdkConfig>,
     ) -> Result<Self, ConfigError> {
         let settings = Settings {
             attempt_timeout: config.attempt_timeout,
@@ -172,7 +196,7 @@ impl<C: Clock> App<C> {
                 ..client
             })
             .collect();
-        let engine = Engine::new(config.pool, http, settings, clock, seed, fleet);
+        let engine = Engine::new(config.pool, http, settings, clock, seed, fleet, aws);
         Ok(Self {
             engine: Arc::new(engine),
             keys,
@@ -187,6 +211,17 @@ impl<C: Clock> App<C> {
     /// (leases of a window), for what a request costs in them.
     pub fn limit_table_calls(&self) -> u64 {
         self.limits.table_calls()
+    }
+
+    /// Whether an Entra ID token can be had for every app the pool authenticates with: the
+    /// reason for each that cannot (`--check`).
+    pub async fn check_tokens(&self) -> Vec<String> {
+        self.engine
+            .check_tokens()
+            .await
+            .into_iter()
+            .filter_map(|r| r.err().map(|e| e.to_string()))
+            .collect()
     }
 
     /// Whether some client's limits are counted through the fleet's table: the environment

@@ -91,7 +91,14 @@ async fn report_init_error(error: &ConfigError) {
 /// included) and says whether the function would start, without serving anything.
 async fn check() -> ExitCode {
     match start().await {
-        Ok(_) => {
+        Ok(app) => {
+            let problems = app.check_tokens().await;
+            if !problems.is_empty() {
+                for problem in &problems {
+                    eprintln!("fallback-chat: no Entra ID token: {problem}");
+                }
+                return ExitCode::FAILURE;
+            }
             println!("fallback-chat: the configuration is complete; the function would start");
             ExitCode::SUCCESS
         }

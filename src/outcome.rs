@@ -39,6 +39,9 @@ pub enum Failure {
     Throttled { retry_after: Option<Duration> },
     /// Worth trying elsewhere (and, later, here again): 408, 5xx, connection errors, timeouts.
     Transient(Transient),
+    /// No Entra ID token could be had for the deployment (the token endpoint or STS down, or
+    /// refusing: `message` says why, with Entra's AADSTS code).
+    NoToken { message: String },
     /// 401, 403 or 404: this deployment will not answer until someone fixes the configuration.
     Misconfigured {
         status: u16,

@@ -34,6 +34,55 @@ pub struct Deployment {
     pub context_window: Option<u32>,
     /// What the deployment's model does.
     pub serves: Serves,
+    /// How the deployment is told who calls it: its key, or an Entra ID token.
+    pub auth: Auth,
+}
+
+/// How a deployment authenticates its caller.
+#[derive(Debug, Clone, Default)]
+pub enum Auth {
+    /// Its key: `api-key` on classic URLs, `Authorization: Bearer` on v1.
+    #[default]
+    Key,
+    /// A Microsoft Entra ID access token for an app registration, as `Authorization: Bearer`;
+    /// never an `api-key` (a resource with `disableLocalAuth` refuses every key).
+    Entra(EntraApp),
+}
+
+/// An app registration in Microsoft Entra ID, and how the function proves it is that app.
+#[derive(Debug, Clone)]
+pub struct EntraApp {
+    /// The authority host, `https://login.microsoftonline.com` unless `AZURE_AUTHORITY_HOST`
+    /// (or the entry) names a sovereign cloud's.
+    pub authority: String,
+    pub tenant: String,
+    pub client_id: String,
+    /// `https://cognitiveservices.azure.com/.default` unless configured.
+    pub scope: String,
+    pub credential: EntraCredential,
+}
+
+impl EntraApp {
+    /// Deployments whose apps agree on this share one token.
+    pub fn cache_key(&self) -> (String, String, String, String) {
+        (
+            self.authority.clone(),
+            self.tenant.clone(),
+            self.client_id.clone(),
+            self.scope.clone(),
+        )
+    }
+}
+
+/// How the function proves to Entra ID that it is the app.
+#[derive(Debug, Clone)]
+pub enum EntraCredential {
+    /// The function's own AWS role: a web identity token from STS (`GetWebIdentityToken`, for
+    /// `audience`), presented as the client assertion of a federated credential. No secret.
+    AwsFederation { audience: String },
+    /// A client secret, from the variable `var` (its value, or a reference resolved at cold
+    /// start).
+    ClientSecret { secret: Secret, var: String },
 }
 
 /// What a deployment's model does: generate (chat completions and the Responses API), or embed.

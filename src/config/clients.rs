@@ -223,7 +223,8 @@ mod tests {
     fn pool() -> Pool {
         super::super::pool::ordered(
             "https://x.openai.azure.com".into(),
-            Secret::new("k".to_owned()),
+            Some(Secret::new("k".to_owned())),
+            crate::pool::Auth::Key,
             vec!["gpt-4o".into()],
             "2024-10-21",
         )

@@ -19,6 +19,7 @@ use aws_sdk_secretsmanager::error::{ProvideErrorMetadata, SdkError};
 use crate::clock::{Clock, SystemClock};
 use crate::config::Config;
 use crate::error::ConfigError;
+use crate::pool::{Auth, EntraApp, EntraCredential};
 use crate::secret::Secret;
 
 pub use super::reference::{SecretRef, reference};
@@ -36,6 +37,8 @@ enum Slot {
     ClientKeys,
     /// Named client `.0`'s key number `.1`.
     Client(usize, usize),
+    /// The Entra ID client secret of pool entry `.0`.
+    Entra(usize),
 }
 
 /// What went wrong with one reference, and what the operator should do about it. Never holds a
@@ -62,6 +65,8 @@ pub struct Resolved {
     client_keys: Option<Secret>,
     /// By (index into `config.clients`, index into its keys).
     clients: Vec<(usize, usize, Secret)>,
+    /// Entra ID client secrets, by index into `config.pool.deployments`.
+    entra: Vec<(usize, Secret)>,
 }
 
 impl Resolved {
@@ -74,6 +79,15 @@ impl Resolved {
         }
         if let Some(keys) = self.client_keys {
             config.client_keys = Some(keys);
+        }
+        for (i, value) in self.entra {
+            if let Some(Auth::Entra(EntraApp {
+                credential: EntraCredential::ClientSecret { secret, .. },
+                ..
+            })) = config.pool.deployments.get_mut(i).map(|d| &mut d.auth)
+            {
+                *secret = value;
+            }
         }
         for (i, j, key) in self.clients {
             if let Some(slot) = config.clients.get_mut(i).and_then(|c| c.keys.get_mut(j)) {
@@ -155,6 +169,7 @@ pub async fn resolve(config: &Config, aws: &SdkConfig) -> Result<Resolved, Confi
             Slot::Pool(i) => resolved.deployments.push((*i, key)),
             Slot::ClientKeys => resolved.client_keys = Some(key),
             Slot::Client(i, j) => resolved.clients.push((*i, *j, key)),
+            Slot::Entra(i) => resolved.entra.push((*i, key)),
         }
     }
     Ok(resolved)
@@ -179,7 +194,19 @@ fn references(config: &Config) -> Vec<(Slot, SecretRef)> {
             .enumerate()
             .filter_map(move |(j, key)| Some((Slot::Client(i, j), reference(key.expose())?)))
     });
-    pool.chain(client).chain(named).collect()
+    let entra = config
+        .pool
+        .deployments
+        .iter()
+        .enumerate()
+        .filter_map(|(i, d)| match &d.auth {
+            Auth::Entra(EntraApp {
+                credential: EntraCredential::ClientSecret { secret, .. },
+                ..
+            }) => Some((Slot::Entra(i), reference(secret.expose())?)),
+            _ => None,
+        });
+    pool.chain(client).chain(named).chain(entra).collect()
 }
 
 fn slots_of(wanted: &[(Slot, SecretRef)], matches: impl Fn(&SecretRef) -> bool) -> Vec<Slot> {
@@ -196,13 +223,20 @@ fn failure(config: &Config, users: &[Slot], reference: &str, problem: &Problem) 
     let var = match users.first() {
         Some(Slot::Pool(i)) => pool[*i].key_var.clone(),
         Some(Slot::Client(i, j)) => config.clients[*i].key_vars[*j].clone(),
+        Some(Slot::Entra(i)) => match &pool[*i].auth {
+            Auth::Entra(EntraApp {
+                credential: EntraCredential::ClientSecret { var, .. },
+                ..
+            }) => var.clone(),
+            _ => "AZURE_CLIENT_SECRET".to_owned(),
+        },
         _ => "CLIENT_API_KEYS".to_owned(),
     };
     let entries: Vec<String> = users
         .iter()
         .filter_map(|slot| match slot {
             Slot::Pool(i) => Some(format!("{:?}", pool[*i].id)),
-            Slot::ClientKeys | Slot::Client(..) => None,
+            Slot::ClientKeys | Slot::Client(..) | Slot::Entra(_) => None,
         })
         .collect();
     let mut who: Vec<String> = Vec::new();

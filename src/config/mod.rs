@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use crate::error::ConfigError;
 use crate::net::ExtraRoots;
+use crate::pool::Auth;
 use crate::pool::Pool;
 use crate::secret::Secret;
 
@@ -143,6 +144,8 @@ impl Config {
             })
             .transpose()?;
 
+        let entra = pool::EntraDefaults::from_vars(&get)?;
+        let auth = pool::auth_from_vars(&get, &entra)?;
         let pool = match source(&get, "FALLBACK_POOL", "FALLBACK_POOL_FILE")? {
             Some((json, var)) => {
                 if get("AZURE_OPENAI_DEPLOYMENTS").is_some() {
@@ -156,6 +159,8 @@ impl Config {
                 let defaults = pool::Defaults {
                     endpoint,
                     api_version: &api_version,
+                    auth: auth.clone(),
+                    entra: entra.clone(),
                 };
                 pool::parse(&json, var, &defaults, &get)?
             }
@@ -164,16 +169,22 @@ impl Config {
                     var: "AZURE_OPENAI_ENDPOINT",
                     hint: "set it to your resource URL, e.g. https://my-resource.openai.azure.com (or describe several in FALLBACK_POOL)",
                 })?;
-                let api_key = get("AZURE_OPENAI_API_KEY").map(Secret::new).ok_or(ConfigError::Missing {
-                    var: "AZURE_OPENAI_API_KEY",
-                    hint: "set it to one of the two keys under 'Keys and Endpoint' of your Azure OpenAI resource",
-                })?;
+                let api_key = match (&auth, get("AZURE_OPENAI_API_KEY")) {
+                    (Auth::Entra(_), _) => None,
+                    (Auth::Key, Some(key)) => Some(Secret::new(key)),
+                    (Auth::Key, None) => {
+                        return Err(ConfigError::Missing {
+                            var: "AZURE_OPENAI_API_KEY",
+                            hint: "set it to one of the two keys under 'Keys and Endpoint' of your Azure OpenAI resource (or authenticate with Entra ID: AZURE_OPENAI_AUTH)",
+                        });
+                    }
+                };
                 let names = parse_deployments(
                     get("AZURE_OPENAI_DEPLOYMENTS")
                         .as_deref()
                         .unwrap_or(DEFAULT_DEPLOYMENTS),
                 )?;
-                pool::ordered(endpoint, api_key, names, &api_version)
+                pool::ordered(endpoint, api_key, auth, names, &api_version)
             }
         };
 

@@ -8,13 +8,186 @@ use serde::Deserialize;
 use url::Url;
 
 use crate::error::ConfigError;
-use crate::pool::{ApiStyle, Deployment, Pool, Route, Serves};
+use crate::pool::{ApiStyle, Auth, Deployment, EntraApp, EntraCredential, Pool, Route, Serves};
 use crate::secret::Secret;
 
 /// Defaults the pool's entries inherit from the simple variables.
 pub struct Defaults<'a> {
     pub endpoint: Option<String>,
     pub api_version: &'a str,
+    /// `AZURE_OPENAI_AUTH` and the Entra variables, when they choose Entra ID.
+    pub auth: Auth,
+    /// `AZURE_TENANT_ID`, `AZURE_CLIENT_ID`, `AZURE_AUTHORITY_HOST`, `AZURE_OPENAI_SCOPE`,
+    /// `AZURE_FEDERATION_AUDIENCE`: what an entry's `auth` leaves out.
+    pub entra: EntraDefaults,
+}
+
+/// The Entra ID settings read from the simple variables.
+#[derive(Debug, Clone, Default)]
+pub struct EntraDefaults {
+    pub tenant: Option<String>,
+    pub client_id: Option<String>,
+    pub authority: String,
+    pub scope: String,
+    pub audience: String,
+}
+
+/// Entra ID's public cloud (Azure's SDKs name the variable that changes it `AZURE_AUTHORITY_HOST`).
+pub const DEFAULT_AUTHORITY_HOST: &str = "https://login.microsoftonline.com";
+/// Azure OpenAI's token scope.
+pub const DEFAULT_SCOPE: &str = "https://cognitiveservices.azure.com/.default";
+/// The audience Entra ID expects in a federated credential's assertion.
+pub const DEFAULT_FEDERATION_AUDIENCE: &str = "api://AzureADTokenExchange";
+
+impl EntraDefaults {
+    pub fn from_vars(get: &dyn Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
+        let authority = match get("AZURE_AUTHORITY_HOST") {
+            None => DEFAULT_AUTHORITY_HOST.to_owned(),
+            Some(host) => parse_endpoint(&host).map_err(|reason| ConfigError::Invalid {
+                var: "AZURE_AUTHORITY_HOST",
+                reason,
+            })?,
+        };
+        Ok(Self {
+            tenant: get("AZURE_TENANT_ID"),
+            client_id: get("AZURE_CLIENT_ID"),
+            authority,
+            scope: get("AZURE_OPENAI_SCOPE").unwrap_or_else(|| DEFAULT_SCOPE.to_owned()),
+            audience: get("AZURE_FEDERATION_AUDIENCE")
+                .unwrap_or_else(|| DEFAULT_FEDERATION_AUDIENCE.to_owned()),
+        })
+    }
+
+    /// The app `credential` names (`aws_federation` or `client_secret`, its secret in
+    /// `secret_var`), with `tenant`/`client_id` given or these defaults; `at` words errors.
+    fn app(
+        &self,
+        spec: &AuthSpec,
+        lookup: &dyn Fn(&str) -> Option<String>,
+        at: &dyn Fn(&str, String) -> ConfigError,
+    ) -> Result<EntraApp, ConfigError> {
+        let tenant = spec
+            .tenant_id
+            .clone()
+            .or_else(|| self.tenant.clone())
+            .ok_or_else(|| at("auth.tenant_id", "missing (and AZURE_TENANT_ID is not set): the directory (tenant) ID of the app registration".into()))?;
+        let client_id = spec
+            .client_id
+            .clone()
+            .or_else(|| self.client_id.clone())
+            .ok_or_else(|| at("auth.client_id", "missing (and AZURE_CLIENT_ID is not set): the application (client) ID of the app registration".into()))?;
+        for (field, value) in [("auth.tenant_id", &tenant), ("auth.client_id", &client_id)] {
+            if !value
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.'))
+                || value.is_empty()
+            {
+                return Err(at(
+                    field,
+                    format!("{value:?} is not an ID (a GUID) or a domain"),
+                ));
+            }
+        }
+        let credential = match spec.credential.as_deref() {
+            Some("aws_federation") => EntraCredential::AwsFederation {
+                audience: spec
+                    .audience
+                    .clone()
+                    .unwrap_or_else(|| self.audience.clone()),
+            },
+            Some("client_secret") => {
+                let var = spec
+                    .client_secret_env
+                    .clone()
+                    .unwrap_or_else(|| "AZURE_CLIENT_SECRET".to_owned());
+                let secret = lookup(&var)
+                    .map(|v| v.trim().to_owned())
+                    .filter(|v| !v.is_empty())
+                    .ok_or_else(|| {
+                        at(
+                            "auth.client_secret_env",
+                            format!("the variable {var} it names is not set"),
+                        )
+                    })?;
+                EntraCredential::ClientSecret {
+                    secret: Secret::new(secret),
+                    var,
+                }
+            }
+            other => {
+                return Err(at(
+                    "auth.credential",
+                    format!(
+                        "{}: expected \"aws_federation\" (the function's AWS role, no secret) or \"client_secret\"",
+                        other.map_or("missing".to_owned(), |o| format!("{o:?}"))
+                    ),
+                ));
+            }
+        };
+        let authority = match &spec.authority_host {
+            Some(host) => parse_endpoint(host).map_err(|r| at("auth.authority_host", r))?,
+            None => self.authority.clone(),
+        };
+        Ok(EntraApp {
+            authority,
+            tenant,
+            client_id,
+            scope: spec.scope.clone().unwrap_or_else(|| self.scope.clone()),
+            credential,
+        })
+    }
+}
+
+/// How a pool entry authenticates: `{"type": "key"}` (the default) or `{"type": "entra",
+/// "credential": "aws_federation" | "client_secret", ...}`.
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(super) struct AuthSpec {
+    #[serde(rename = "type")]
+    kind: Option<String>,
+    tenant_id: Option<String>,
+    client_id: Option<String>,
+    credential: Option<String>,
+    client_secret_env: Option<String>,
+    audience: Option<String>,
+    scope: Option<String>,
+    authority_host: Option<String>,
+}
+
+/// `AZURE_OPENAI_AUTH` (`key`, `aws_federation` or `client_secret`) and the Entra variables:
+/// how the simple variables' deployments (and pool entries that say nothing) authenticate.
+pub fn auth_from_vars(
+    get: &dyn Fn(&str) -> Option<String>,
+    entra: &EntraDefaults,
+) -> Result<Auth, ConfigError> {
+    let credential = match get("AZURE_OPENAI_AUTH").as_deref() {
+        None | Some("key") => return Ok(Auth::Key),
+        Some(c @ ("aws_federation" | "client_secret")) => c.to_owned(),
+        Some(other) => {
+            return Err(ConfigError::Invalid {
+                var: "AZURE_OPENAI_AUTH",
+                reason: format!(
+                    "{other:?}: expected \"key\" (the default), \"aws_federation\" (Entra ID through the function's AWS role) or \"client_secret\" (Entra ID with AZURE_CLIENT_SECRET)"
+                ),
+            });
+        }
+    };
+    let spec = AuthSpec {
+        kind: Some("entra".into()),
+        credential: Some(credential),
+        ..AuthSpec::default()
+    };
+    let var_of = |field: &str| match field {
+        "auth.tenant_id" => "AZURE_TENANT_ID",
+        "auth.client_id" => "AZURE_CLIENT_ID",
+        "auth.client_secret_env" => "AZURE_CLIENT_SECRET",
+        _ => "AZURE_OPENAI_AUTH",
+    };
+    let at = |field: &str, reason: String| ConfigError::Invalid {
+        var: var_of(field),
+        reason,
+    };
+    Ok(Auth::Entra(entra.app(&spec, get, &at)?))
 }
 
 /// One deployment in the pool JSON.
@@ -31,6 +204,7 @@ struct EntrySpec {
     weight: Option<f64>,
     context_window: Option<u32>,
     embeddings: Option<EmbeddingsSpec>,
+    auth: Option<AuthSpec>,
 }
 
 /// An embeddings deployment's model and vector size: `{"model": "text-embedding-3-small",
@@ -117,11 +291,35 @@ pub fn parse(
                 ));
             }
         };
+        let auth = match &entry.auth {
+            None => defaults.auth.clone(),
+            Some(spec) => match spec.kind.as_deref() {
+                Some("key") => Auth::Key,
+                Some("entra") => Auth::Entra(defaults.entra.app(spec, lookup, &at)?),
+                other => {
+                    return Err(at(
+                        "auth.type",
+                        format!(
+                            "{}: expected \"key\" or \"entra\"",
+                            other.map_or("missing".to_owned(), |o| format!("{o:?}"))
+                        ),
+                    ));
+                }
+            },
+        };
+        let entra = matches!(auth, Auth::Entra(_));
+        if entra && entry.key_env.is_some() {
+            return Err(at(
+                "key_env",
+                "an entry that authenticates with Entra ID sends no key; remove key_env".into(),
+            ));
+        }
         let key_env = entry.key_env.unwrap_or_else(|| DEFAULT_KEY_ENV.to_owned());
         let key = lookup(&key_env)
             .map(|k| k.trim().to_owned())
-            .filter(|k| !k.is_empty());
-        if key.is_none() && matches!(api, ApiStyle::Classic { .. }) {
+            .filter(|k| !k.is_empty())
+            .filter(|_| !entra);
+        if key.is_none() && !entra && matches!(api, ApiStyle::Classic { .. }) {
             return Err(at(
                 "key_env",
                 format!("the variable {key_env} it names is not set"),
@@ -167,6 +365,7 @@ pub fn parse(
             weight,
             context_window: entry.context_window,
             serves,
+            auth,
         });
     }
 
@@ -272,8 +471,15 @@ fn agreed(deployments: &[Deployment], members: &[usize]) -> Result<Serves, (usiz
     }
 }
 
-/// The simple variables' pool: one endpoint, the deployments tried strictly in the given order.
-pub fn ordered(endpoint: String, key: Secret, names: Vec<String>, api_version: &str) -> Pool {
+/// The simple variables' pool: one endpoint, the deployments tried strictly in the given order,
+/// each with `key` (or, with Entra ID, none).
+pub fn ordered(
+    endpoint: String,
+    key: Option<Secret>,
+    auth: Auth,
+    names: Vec<String>,
+    api_version: &str,
+) -> Pool {
     let deployments = names
         .into_iter()
         .enumerate()
@@ -281,7 +487,7 @@ pub fn ordered(endpoint: String, key: Secret, names: Vec<String>, api_version: &
             id: name.clone(),
             endpoint: endpoint.clone(),
             deployment: name,
-            key: Some(key.clone()),
+            key: key.clone(),
             key_var: DEFAULT_KEY_ENV.to_owned(),
             api: ApiStyle::Classic {
                 api_version: api_version.to_owned(),
@@ -290,6 +496,7 @@ pub fn ordered(endpoint: String, key: Secret, names: Vec<String>, api_version: &
             weight: 1.0,
             context_window: None,
             serves: Serves::Generation,
+            auth: auth.clone(),
         })
         .collect::<Vec<_>>();
     let members = (0..deployments.len()).collect();
@@ -373,6 +580,8 @@ mod tests {
         let defaults = Defaults {
             endpoint: None,
             api_version: "2024-10-21",
+            auth: Auth::Key,
+            entra: EntraDefaults::from_vars(&|_| None).unwrap(),
         };
         parse(json, "FALLBACK_POOL", &defaults, &lookup).map_err(|e| e.to_string())
     }
@@ -422,6 +631,8 @@ mod tests {
         let defaults = Defaults {
             endpoint: Some("https://res.openai.azure.com".into()),
             api_version: "2025-04-01-preview",
+            auth: Auth::Key,
+            entra: EntraDefaults::from_vars(&|_| None).unwrap(),
         };
         let p = parse(
             r#"{"deployments":[{"deployment":"gpt-4o"}]}"#,
@@ -504,7 +715,8 @@ mod tests {
     fn the_simple_variables_mean_one_endpoint_in_this_order() {
         let p = ordered(
             "https://res.openai.azure.com".into(),
-            Secret::new("k"),
+            Some(Secret::new("k")),
+            Auth::Key,
             vec!["gpt-4o".into(), "gpt-35-turbo".into()],
             "2024-10-21",
         );

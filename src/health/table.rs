@@ -634,6 +634,7 @@ mod tests {
             weight: 1.0,
             context_window: None,
             serves: Default::default(),
+            auth: Default::default(),
         }]
     }
 

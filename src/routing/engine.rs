@@ -9,6 +9,8 @@ use metrics_cloudwatch_embedded::Collector;
 use tracing::Instrument;
 use tracing::instrument::WithSubscriber;
 
+use aws_config::SdkConfig;
+
 use crate::attempt::Answer;
 use crate::clock::Clock;
 use crate::health::Fleet;
@@ -43,7 +45,8 @@ pub struct Engine<C: Clock> {
 
 impl<C: Clock> Engine<C> {
     /// Prepares each deployment's calls over `http` and its health; `seed` seeds the weighted
-    /// random choice; `fleet` shares health with the rest of the fleet.
+    /// random choice; `fleet` shares health with the rest of the fleet; `aws` reaches STS for
+    /// deployments that authenticate with Entra ID through the function's AWS role.
     pub fn new(
         pool: Pool,
         http: &Http,
@@ -51,9 +54,10 @@ impl<C: Clock> Engine<C> {
         clock: C,
         seed: u64,
         fleet: Option<Fleet>,
+        aws: Option<&SdkConfig>,
     ) -> Self {
         Self {
-            upstream: Upstream::new(&pool, http),
+            upstream: Upstream::new(&pool, http, aws),
             sync: FleetSync::new(&pool.deployments, &settings, clock.clone(), seed, fleet),
             pool,
             clock,
@@ -62,9 +66,18 @@ impl<C: Clock> Engine<C> {
         }
     }
 
-    /// Before the first request: what the fleet already knows, and the table's connection made.
+    /// Before the first request: what the fleet already knows, the table's connection made,
+    /// and an Entra ID token for each app the pool authenticates with, at the same time.
     pub async fn warm_up(&self) {
-        self.sync.warm_up().await;
+        let (_, tokens) = tokio::join!(self.sync.warm_up(), self.upstream.tokens(&self.clock));
+        for error in tokens.into_iter().filter_map(Result::err) {
+            tracing::warn!(%error, "no Entra ID token at cold start: requests will ask again");
+        }
+    }
+
+    /// Whether a token can be had for every app the pool authenticates with (`--check`).
+    pub async fn check_tokens(&self) -> Vec<Result<(), crate::upstream::TokenError>> {
+        self.upstream.tokens(&self.clock).await
     }
 
     /// Flushes EMF metrics to stdout when a stream this engine relays ends.

@@ -331,7 +331,9 @@ impl<C: Clock> Failover<'_, C> {
             Err(Failure::Transient(Transient::Timeout | Transient::FirstTokenTimeout)) => {
                 Event::TimedOut
             }
-            Err(Failure::Transient(_) | Failure::Misconfigured { .. }) => Event::Failure,
+            Err(
+                Failure::Transient(_) | Failure::Misconfigured { .. } | Failure::NoToken { .. },
+            ) => Event::Failure,
             Err(_) => Event::Refused,
         };
         self.sync.record(index, event, now, writes);
@@ -362,6 +364,7 @@ impl<C: Clock> Failover<'_, C> {
                     attempt.message = Some(misconfiguration_hint(*status, code, message));
                     attempt.code = Some(code.clone()).filter(|c| !c.is_empty());
                 }
+                Failure::NoToken { message } => attempt.message = Some(message.clone()),
                 Failure::ContextLengthExceeded { message } => {
                     attempt.code = Some("context_length_exceeded".into());
                     attempt.message = Some(message.clone());
@@ -438,6 +441,7 @@ fn outcome(failure: &Failure) -> AttemptOutcome {
         Failure::Transient(Transient::Reset) => AttemptOutcome::ConnectionReset,
         Failure::Transient(Transient::BadResponse) => AttemptOutcome::BadResponse,
         Failure::Misconfigured { .. } => AttemptOutcome::Misconfigured,
+        Failure::NoToken { .. } => AttemptOutcome::TokenUnavailable,
         Failure::ContentFiltered(_) => AttemptOutcome::ContentFilter,
         Failure::ContextLengthExceeded { .. } => AttemptOutcome::ContextLengthExceeded,
         Failure::Rejected { .. } => AttemptOutcome::Rejected,
@@ -483,7 +487,7 @@ fn log_attempt(a: &Attempt) {
             retried,
             "upstream attempt"
         ),
-        AttemptOutcome::Misconfigured => tracing::error!(
+        AttemptOutcome::Misconfigured | AttemptOutcome::TokenUnavailable => tracing::error!(
             deployment,
             outcome,
             status,

@@ -6,13 +6,18 @@
 
 mod chat;
 mod embeddings;
+mod entra;
 mod events;
 pub(crate) mod fuzz;
 mod kind;
 mod responses;
 mod wire;
 
+use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
+
+use aws_config::SdkConfig;
 
 use reqwest::header::{AUTHORIZATION, CONTENT_TYPE, HeaderName, HeaderValue};
 use reqwest::{Client, Method, RequestBuilder, Response};
@@ -21,7 +26,9 @@ use serde_json::Value;
 use crate::clock::Clock;
 use crate::net::Http;
 use crate::outcome::{Called, Document, Failure, JsonBody, Quota, Transient};
-use crate::pool::{ApiStyle, Deployment, Pool};
+use crate::pool::{ApiStyle, Auth, Deployment, Pool};
+
+pub use entra::{Token, TokenError, TokenSource};
 
 pub use chat::Chat;
 pub use embeddings::Embeddings;
@@ -38,9 +45,19 @@ struct Target {
     urls: Vec<Option<reqwest::Url>>,
     /// Each kind's `model` for the body, where the API wants one.
     models: Vec<Option<String>>,
-    auth: Option<(HeaderName, HeaderValue)>,
+    auth: Credential,
     /// Its API takes `stream_options` (v1, and api-version 2024-09-01-preview or later).
     stream_usage: bool,
+}
+
+/// How one deployment's requests say who sends them.
+enum Credential {
+    /// Nothing (an OpenAI-compatible server that takes no key).
+    None,
+    /// Its key, as `api-key` or `Authorization: Bearer`.
+    Key(HeaderName, HeaderValue),
+    /// An Entra ID token, shared by every deployment of the same app and scope.
+    Entra(Arc<TokenSource>),
 }
 
 /// Kind `id`'s URL and `model` for deployment `d`: the one list of every kind of call.
@@ -67,12 +84,32 @@ pub struct Upstream {
 }
 
 impl Upstream {
-    pub fn new(pool: &Pool, http: &Http) -> Self {
+    /// The calls of every deployment in `pool` over `http`; `aws` reaches STS for deployments
+    /// that authenticate with Entra ID through the function's AWS role.
+    pub fn new(pool: &Pool, http: &Http, aws: Option<&SdkConfig>) -> Self {
         let client = http.client().clone();
+        let mut sources: HashMap<(String, String, String, String), Arc<TokenSource>> =
+            HashMap::new();
         let targets = pool
             .deployments
             .iter()
             .map(|d| {
+                let (urls, models) = KindId::ALL.iter().map(|&id| prepare(id, d)).unzip();
+                let stream_usage = match &d.api {
+                    ApiStyle::V1 => true,
+                    ApiStyle::Classic { api_version } => api_version.as_str() >= "2024-09-01",
+                };
+                if let Auth::Entra(app) = &d.auth {
+                    let source = sources.entry(app.cache_key()).or_insert_with(|| {
+                        Arc::new(TokenSource::new(app.clone(), client.clone(), aws))
+                    });
+                    return Target {
+                        urls,
+                        models,
+                        auth: Credential::Entra(Arc::clone(source)),
+                        stream_usage,
+                    };
+                }
                 let (header, value) = match d.api {
                     ApiStyle::Classic { .. } => (
                         HeaderName::from_static("api-key"),
@@ -83,18 +120,14 @@ impl Upstream {
                         d.key.as_ref().map(|k| format!("Bearer {}", k.expose())),
                     ),
                 };
-                let auth = value
-                    .and_then(|v| HeaderValue::from_str(&v).ok())
-                    .map(|mut v| {
+                let auth = value.and_then(|v| HeaderValue::from_str(&v).ok()).map_or(
+                    Credential::None,
+                    |mut v| {
                         // Keeps the key out of any debug output of the request.
                         v.set_sensitive(true);
-                        (header, v)
-                    });
-                let (urls, models) = KindId::ALL.iter().map(|&id| prepare(id, d)).unzip();
-                let stream_usage = match &d.api {
-                    ApiStyle::V1 => true,
-                    ApiStyle::Classic { api_version } => api_version.as_str() >= "2024-09-01",
-                };
+                        Credential::Key(header, v)
+                    },
+                );
                 Target {
                     urls,
                     models,
@@ -108,7 +141,12 @@ impl Upstream {
 
     /// The POST of kind `K` for deployment `index`: URL, key, body (with `model` set where the
     /// API wants it).
-    fn request<K: Kind>(&self, index: usize, body: &JsonBody) -> Option<RequestBuilder> {
+    fn request<K: Kind>(
+        &self,
+        index: usize,
+        body: &JsonBody,
+        token: Option<&Token>,
+    ) -> Option<RequestBuilder> {
         let target = self.targets.get(index)?;
         let slot = K::ID.slot();
         let url = target.urls.get(slot)?.clone()?;
@@ -122,15 +160,72 @@ impl Upstream {
         }
         // Serialising a JSON map cannot fail.
         .unwrap_or_default();
-        let mut request = self
+        let request = self
             .client
             .post(url)
             .header(CONTENT_TYPE, "application/json")
             .body(bytes);
-        if let Some((name, value)) = &target.auth {
-            request = request.header(name, value.clone());
+        Some(authorize(request, &target.auth, token))
+    }
+
+    /// The Entra ID token deployment `index`'s calls carry now (`None` for a deployment with a
+    /// key), obtained within `limit`: no token is a failed attempt of its own.
+    async fn token(
+        &self,
+        clock: &impl Clock,
+        index: usize,
+        limit: Duration,
+    ) -> Result<Option<Token>, Failure> {
+        let Some(Credential::Entra(source)) = self.targets.get(index).map(|t| &t.auth) else {
+            return Ok(None);
+        };
+        match clock.timeout(limit, source.token(clock)).await {
+            Some(Ok(token)) => Ok(Some(token)),
+            Some(Err(error)) => Err(Failure::NoToken {
+                message: error.to_string(),
+            }),
+            None => Err(Failure::NoToken {
+                message: "no Entra ID token within the attempt's time".into(),
+            }),
         }
-        Some(request)
+    }
+
+    /// After a 401 with `stale`, a renewed token (within `limit`), if one can be had.
+    async fn renewed(
+        &self,
+        clock: &impl Clock,
+        index: usize,
+        stale: &Token,
+        limit: Duration,
+    ) -> Option<Token> {
+        let Some(Credential::Entra(source)) = self.targets.get(index).map(|t| &t.auth) else {
+            return None;
+        };
+        tracing::warn!(
+            deployment = index,
+            "a 401 with an Entra ID token that should be valid: renewing it and trying once more"
+        );
+        clock
+            .timeout(limit, source.renew(clock, stale))
+            .await
+            .and_then(Result::ok)
+    }
+
+    /// Whether any deployment authenticates with Entra ID, and a token for each app: for
+    /// `--check` and for warming up at cold start (errors say why none could be had).
+    pub async fn tokens(&self, clock: &impl Clock) -> Vec<Result<(), TokenError>> {
+        let mut seen: Vec<*const TokenSource> = Vec::new();
+        let mut out = Vec::new();
+        for target in &self.targets {
+            if let Credential::Entra(source) = &target.auth {
+                if seen.contains(&Arc::as_ptr(source)) {
+                    continue;
+                }
+                seen.push(Arc::as_ptr(source));
+                out.push(source.token(clock).await.map(|_| ()));
+            }
+        }
+        out
     }
 
     /// One call of kind `K` to deployment `index` for a whole answer, bounded by `timeout` from
@@ -142,10 +237,25 @@ impl Upstream {
         body: &JsonBody,
         timeout: Duration,
     ) -> Called<K::Answer> {
-        match self.request::<K>(index, body) {
-            Some(request) => whole::<K>(clock, request, timeout).await,
-            None => Called::failed(Failure::Transient(Transient::Connect)),
+        let started = clock.now();
+        let token = match self.token(clock, index, timeout).await {
+            Ok(token) => token,
+            Err(failure) => return Called::failed(failure),
+        };
+        let called = match self.request::<K>(index, body, token.as_ref()) {
+            Some(request) => whole::<K>(clock, request, left(clock, started, timeout)).await,
+            None => return Called::failed(Failure::Transient(Transient::Connect)),
+        };
+        // A token that should be valid was refused: renewed once, and the call made once more.
+        if let (Some(401), Some(stale)) = (called.status, &token)
+            && let Some(fresh) = self
+                .renewed(clock, index, stale, left(clock, started, timeout))
+                .await
+            && let Some(request) = self.request::<K>(index, body, Some(&fresh))
+        {
+            return whole::<K>(clock, request, left(clock, started, timeout)).await;
         }
+        called
     }
 
     /// One call `op` on the response `id` stored at deployment `index` (an id checked by
@@ -176,11 +286,23 @@ impl Upstream {
             StoredOp::Delete => Method::DELETE,
             StoredOp::Get | StoredOp::InputItems => Method::GET,
         };
-        let mut request = self.client.request(method, url);
-        if let Some((name, value)) = &target.auth {
-            request = request.header(name, value.clone());
+        let started = clock.now();
+        let token = match self.token(clock, index, timeout).await {
+            Ok(token) => token,
+            Err(failure) => return Called::failed(failure),
+        };
+        let request = self.client.request(method.clone(), url.clone());
+        let request = authorize(request, &target.auth, token.as_ref());
+        let called = whole::<Stored>(clock, request, left(clock, started, timeout)).await;
+        if let (Some(401), Some(stale)) = (called.status, &token)
+            && let Some(fresh) = self
+                .renewed(clock, index, stale, left(clock, started, timeout))
+                .await
+        {
+            let request = authorize(self.client.request(method, url), &target.auth, Some(&fresh));
+            return whole::<Stored>(clock, request, left(clock, started, timeout)).await;
         }
-        whole::<Stored>(clock, request, timeout).await
+        called
     }
 
     /// One streaming call of kind `K` to deployment `index`, read up to its first content, which
@@ -201,17 +323,45 @@ impl Upstream {
             .get(index)
             .filter(|t| t.stream_usage)
             .and_then(|_| K::with_usage(body));
-        let Some(request) = self.request::<K>(index, asked.as_ref().unwrap_or(body)) else {
-            return Called::failed(Failure::Transient(Transient::Connect));
-        };
+        let body = asked.as_ref().unwrap_or(body);
         let started = clock.now();
         // No content this long after the request, headers included, is a failed attempt.
         let first_token = first_token.min(timeout);
-        let response = match clock.timeout(first_token, request.send()).await {
-            None => return Called::failed(Failure::Transient(Transient::FirstTokenTimeout)),
-            Some(Err(e)) => return Called::failed(Failure::Transient(transport_failure(&e))),
-            Some(Ok(response)) => response,
+        let token = match self.token(clock, index, first_token).await {
+            Ok(token) => token,
+            Err(failure) => return Called::failed(failure),
         };
+        let send = |token: Option<&Token>| {
+            let request = self.request::<K>(index, body, token);
+            let limit = left(clock, started, first_token);
+            async move {
+                let Some(request) = request else {
+                    return Err(Called::failed(Failure::Transient(Transient::Connect)));
+                };
+                match clock.timeout(limit, request.send()).await {
+                    None => Err(Called::failed(Failure::Transient(
+                        Transient::FirstTokenTimeout,
+                    ))),
+                    Some(Err(e)) => Err(Called::failed(Failure::Transient(transport_failure(&e)))),
+                    Some(Ok(response)) => Ok(response),
+                }
+            }
+        };
+        let mut response = match send(token.as_ref()).await {
+            Ok(response) => response,
+            Err(called) => return called,
+        };
+        if response.status() == reqwest::StatusCode::UNAUTHORIZED
+            && let Some(stale) = &token
+            && let Some(fresh) = self
+                .renewed(clock, index, stale, left(clock, started, first_token))
+                .await
+        {
+            response = match send(Some(&fresh)).await {
+                Ok(response) => response,
+                Err(called) => return called,
+            };
+        }
         let status = Some(response.status().as_u16());
         if !response.status().is_success() {
             // An error answer is short: the attempt's time limit bounds reading it too.
@@ -248,6 +398,24 @@ impl Upstream {
             quota,
             result,
         }
+    }
+}
+
+/// What is left of `limit` since `started`.
+fn left(clock: &impl Clock, started: std::time::Instant, limit: Duration) -> Duration {
+    limit.saturating_sub(clock.now() - started)
+}
+
+/// `request` with the deployment's credential: its key, or the Entra ID `token`.
+fn authorize(
+    request: RequestBuilder,
+    credential: &Credential,
+    token: Option<&Token>,
+) -> RequestBuilder {
+    match (credential, token) {
+        (Credential::Key(name, value), _) => request.header(name, value.clone()),
+        (Credential::Entra(_), Some(token)) => request.header(AUTHORIZATION, token.header.clone()),
+        (Credential::Entra(_), None) | (Credential::None, _) => request,
     }
 }
 

@@ -350,6 +350,7 @@ mod tests {
             weight: 1.0,
             context_window: None,
             serves: Default::default(),
+            auth: Default::default(),
         };
         assert_eq!(
             Responses::url(&d),

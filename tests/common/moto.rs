@@ -1,6 +1,6 @@
 //! moto's server (AWS APIs on 127.0.0.1), started for a test and killed when it ends.
 
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -22,19 +22,20 @@ impl Drop for Moto {
 
 impl Moto {
     pub fn start() -> Self {
+        static STARTED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
         let mut command = moto_command();
         let executable = format!("{command:?}");
-        // A free port: bound, read, released; moto binds it a moment later.
-        let port = TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("no free local port")
-            .port();
+        // moto binds a port of its own choosing (-p 0) and says which: a port picked here and
+        // released for it could be picked again by another test before moto binds it, and
+        // the second test would then talk to the first one's moto.
+        let n = STARTED.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let name = format!("{}-{n}", std::process::id());
         let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
-        let recording = dir.join(format!("moto-recording-{port}.jsonl"));
-        let log = dir.join(format!("moto-{port}.log"));
+        let recording = dir.join(format!("moto-recording-{name}.jsonl"));
+        let log = dir.join(format!("moto-{name}.log"));
         let _ = std::fs::remove_file(&recording);
         let child = command
-            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            .args(["-H", "127.0.0.1", "-p", "0"])
             .env("MOTO_ENABLE_RECORDING", "true")
             .env("MOTO_RECORDER_FILEPATH", &recording)
             .stdin(Stdio::null())
@@ -48,20 +49,29 @@ impl Moto {
             });
         let mut moto = Moto {
             child,
-            port,
+            port: 0,
             recording,
         };
         let deadline = Instant::now() + Duration::from_secs(60);
-        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        loop {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            let port = text
+                .split(" * Running on http://127.0.0.1:")
+                .nth(1)
+                .and_then(|rest| rest.split(|c: char| !c.is_ascii_digit()).next())
+                .and_then(|p| p.parse::<u16>().ok());
+            if let Some(port) = port
+                && TcpStream::connect(("127.0.0.1", port)).is_ok()
+            {
+                moto.port = port;
+                break;
+            }
             if let Ok(Some(status)) = moto.child.try_wait() {
-                panic!(
-                    "{executable} exited ({status}) before answering; its output:\n{}",
-                    std::fs::read_to_string(&log).unwrap_or_default()
-                );
+                panic!("{executable} exited ({status}) before answering; its output:\n{text}");
             }
             assert!(
                 Instant::now() < deadline,
-                "moto_server did not answer on 127.0.0.1:{port} within 60 s"
+                "moto_server did not say where it listens within 60 s:\n{text}"
             );
             std::thread::sleep(Duration::from_millis(100));
         }

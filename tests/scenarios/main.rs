@@ -13,6 +13,7 @@ mod common;
 mod access;
 mod continuation;
 mod embeddings;
+mod entra;
 mod events;
 mod fallback;
 mod fleet;

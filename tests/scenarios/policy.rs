@@ -32,6 +32,7 @@ fn pool(specs: &[(u32, u32)]) -> Vec<Deployment> {
             weight: f64::from(weight),
             context_window: None,
             serves: Default::default(),
+            auth: Default::default(),
         })
         .collect()
 }

@@ -507,3 +507,50 @@ async fn named_clients_keys_may_be_referenced_inline_or_held_in_their_variables(
     assert!(error.contains("client \"team\""), "{error}");
     assert!(error.contains("north"), "{error}");
 }
+
+#[tokio::test]
+async fn an_entra_client_secret_held_in_secrets_manager_authenticates_and_shows_nowhere() {
+    const ENTRA_SECRET: &str = "entra-secret-from-secrets-manager";
+    let aws = Aws::start().await;
+    let arn = aws_sdk_secretsmanager::Client::new(&aws.sdk)
+        .create_secret()
+        .name("entra-secret")
+        .secret_string(ENTRA_SECRET)
+        .send()
+        .await
+        .unwrap()
+        .arn
+        .unwrap();
+    let mut entra = azure_openai_emulator::EntraConfig::new("tenant-1", "client-1");
+    entra.client_secret = Some(ENTRA_SECRET.to_owned());
+    let emulator = azure_openai_emulator::Emulator::builder()
+        .api_key("emulator-key")
+        .deployment("gpt-4o", azure_openai_emulator::Behavior::Healthy)
+        .entra(entra)
+        .disable_local_auth()
+        .start()
+        .await
+        .unwrap();
+    let served = aws
+        .resolved(&[
+            ("AZURE_OPENAI_ENDPOINT", &emulator.url()),
+            ("AZURE_OPENAI_DEPLOYMENTS", "gpt-4o"),
+            ("AZURE_OPENAI_AUTH", "client_secret"),
+            ("AZURE_TENANT_ID", "tenant-1"),
+            ("AZURE_CLIENT_ID", "client-1"),
+            ("AZURE_CLIENT_SECRET", &arn),
+            ("AZURE_AUTHORITY_HOST", &emulator.url()),
+        ])
+        .await;
+    assert_eq!(aws.moto.calls(GET_SECRET), 1);
+    let clock = Arc::new(fallback_chat::clock::ManualClock::default());
+    let app = Arc::new(App::with_clock(served, clock).expect("the app builds"));
+    let logs = common::Logs::default();
+    let event = common::http_api_get(Some("hello"));
+    let reply = common::invoke_app(&app, &logs, &event, common::epoch_ms() + 30_000).await;
+    assert_eq!(reply.status, 200, "{:?}", reply.body);
+    assert_eq!(emulator.token_forms()[0]["client_secret"], ENTRA_SECRET);
+    for text in [logs.text(), aws.logs.text(), reply.raw] {
+        assert!(!text.contains(ENTRA_SECRET), "the secret shows: {text}");
+    }
+}

@@ -24,6 +24,7 @@ fn pool() -> Vec<Deployment> {
             weight: f64::from(1 + i % 3),
             context_window: None,
             serves: Default::default(),
+            auth: Default::default(),
         })
         .collect()
 }

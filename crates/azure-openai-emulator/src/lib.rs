@@ -66,6 +66,7 @@
 mod behavior;
 pub mod chaos;
 mod embeddings;
+mod entra;
 mod responses;
 mod server;
 mod tls;
@@ -81,6 +82,7 @@ use tokio::task::JoinHandle;
 
 pub use behavior::{Behavior, RetryAfter};
 pub use chaos::Chaos;
+pub use entra::{EntraConfig, TOKEN_EXCHANGE_AUDIENCE, TokenMode};
 
 /// One request received on a chat-completions route, as recorded by the emulator.
 #[derive(Clone, Debug, PartialEq)]
@@ -118,6 +120,8 @@ impl Emulator {
             bind: SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
             log_calls: false,
             tls: false,
+            entra: None,
+            local_auth: true,
         }
     }
 
@@ -190,6 +194,31 @@ impl Emulator {
             .deployments
             .get(deployment)
             .map_or(0, |d| d.calls)
+    }
+
+    /// Requests made to the Entra token endpoint.
+    pub fn token_requests(&self) -> usize {
+        self.shared.entra().token_requests
+    }
+
+    /// Each token request's form fields, in order.
+    pub fn token_forms(&self) -> Vec<HashMap<String, String>> {
+        self.shared.entra().token_forms.clone()
+    }
+
+    /// Requests made to STS's `GetWebIdentityToken`.
+    pub fn sts_requests(&self) -> usize {
+        self.shared.entra().sts_requests
+    }
+
+    /// How the token endpoint answers from now on.
+    pub fn set_token_mode(&self, mode: TokenMode) {
+        self.shared.entra().mode = mode;
+    }
+
+    /// Every token issued so far is refused from now on (401), as after a revoked role.
+    pub fn revoke_tokens(&self) {
+        self.shared.entra().revoke();
     }
 
     /// Calls received on the chat-completions routes, for any deployment or none.
@@ -267,9 +296,25 @@ pub struct EmulatorBuilder {
     bind: SocketAddr,
     log_calls: bool,
     tls: bool,
+    entra: Option<EntraConfig>,
+    local_auth: bool,
 }
 
 impl EmulatorBuilder {
+    /// Also serves Entra ID's token endpoint for this app registration (and STS's
+    /// `GetWebIdentityToken`), and accepts the Bearer tokens it issues on every deployment.
+    pub fn entra(mut self, config: EntraConfig) -> Self {
+        self.entra = Some(config);
+        self
+    }
+
+    /// Refuses keys on every deployment, as a resource with `disableLocalAuth` does: only
+    /// Entra tokens are accepted.
+    pub fn disable_local_auth(mut self) -> Self {
+        self.local_auth = false;
+        self
+    }
+
     /// The key to accept (default `emulator-key`).
     pub fn api_key(mut self, key: impl Into<String>) -> Self {
         self.api_key = key.into();
@@ -322,8 +367,12 @@ impl EmulatorBuilder {
         for (name, model) in self.models {
             state.entry(&name).model = Some(model);
         }
+        let mut entra = entra::EntraState::default();
+        entra.config = self.entra;
         let shared = Arc::new(Shared {
             api_key: self.api_key,
+            local_auth: self.local_auth,
+            entra: Mutex::new(entra),
             log_calls: self.log_calls,
             started: Instant::now(),
             state: Mutex::new(state),
@@ -349,6 +398,9 @@ impl EmulatorBuilder {
 /// State shared by the handle and the server.
 pub(crate) struct Shared {
     api_key: String,
+    /// Keys are accepted (not a `disableLocalAuth` resource).
+    local_auth: bool,
+    entra: Mutex<entra::EntraState>,
     log_calls: bool,
     /// When the emulator started: requests are timed from it.
     started: Instant,
@@ -425,6 +477,37 @@ pub(crate) struct Plan {
 }
 
 impl Shared {
+    pub(crate) fn entra(&self) -> MutexGuard<'_, entra::EntraState> {
+        self.entra
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Whether a data-plane request may go on: the key (`api-key`, or as a v1 Bearer) where
+    /// keys are accepted, or a Bearer token the emulator's Entra issued and that has not expired.
+    pub(crate) fn authorized(&self, headers: &axum::http::HeaderMap) -> bool {
+        let bearer = headers
+            .get(axum::http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| {
+                v.strip_prefix("Bearer ")
+                    .or_else(|| v.strip_prefix("bearer "))
+            })
+            .map(str::trim);
+        let key = headers
+            .get("api-key")
+            .is_some_and(|v| v.as_bytes() == self.api_key.as_bytes())
+            || bearer == Some(self.api_key.as_str());
+        (self.local_auth && key) || bearer.is_some_and(|token| self.entra().valid(token))
+    }
+
+    /// Whether a control request (`/_emulator/...`) carries the emulator's key.
+    pub(crate) fn control(&self, headers: &axum::http::HeaderMap) -> bool {
+        headers
+            .get("api-key")
+            .is_some_and(|v| v.as_bytes() == self.api_key.as_bytes())
+    }
+
     fn lock(&self) -> MutexGuard<'_, StateInner> {
         // A panic elsewhere cannot leave this plain data inconsistent, so ignore poisoning.
         self.state

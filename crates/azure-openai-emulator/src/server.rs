@@ -52,6 +52,12 @@ pub(crate) fn router(shared: Arc<Shared>) -> Router {
             "/openai/v1/responses/{id}/input_items",
             get(response_input_items).fallback(not_found),
         )
+        // Entra ID's token endpoint, and STS (awsQuery: POST / with an Action).
+        .route(
+            "/{tenant}/oauth2/v2.0/token",
+            post(token).fallback(not_found),
+        )
+        .route("/", post(sts).fallback(not_found))
         .route(
             "/_emulator/deployments/{deployment}",
             axum::routing::put(set_behavior).fallback(not_found),
@@ -206,6 +212,49 @@ impl Call<'_> {
     }
 }
 
+/// `POST /{tenant}/oauth2/v2.0/token`: Entra's client credentials grant.
+async fn token(
+    State(shared): State<Arc<Shared>>,
+    Path(tenant): Path<String>,
+    body: Bytes,
+) -> Response {
+    let form = crate::entra::form(&body);
+    let slow = match shared.entra().mode {
+        crate::TokenMode::Slow(delay) => Some(delay),
+        _ => None,
+    };
+    if let Some(delay) = slow {
+        tokio::time::sleep(delay).await;
+    }
+    let (status, body) = shared.entra().token(&tenant, form);
+    text_response(status, "application/json; charset=utf-8", body)
+}
+
+/// `POST /` with `Action=GetWebIdentityToken`: STS's signed JWT for the caller's role.
+async fn sts(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: Bytes) -> Response {
+    let form = crate::entra::form(&body);
+    let signed = headers
+        .get(AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("AWS4-HMAC-SHA256 "));
+    let (status, body) = match form.get("Action").map(String::as_str) {
+        Some("GetWebIdentityToken") if signed => shared.entra().web_identity_token(&form),
+        Some("GetWebIdentityToken") => (403, "<ErrorResponse><Error><Code>MissingAuthenticationToken</Code><Message>Request is missing Authentication Token</Message></Error></ErrorResponse>".to_owned()),
+        _ => (400, "<ErrorResponse><Error><Code>InvalidAction</Code><Message>Only GetWebIdentityToken is emulated</Message></Error></ErrorResponse>".to_owned()),
+    };
+    text_response(status, "text/xml", body)
+}
+
+fn text_response(status: u16, content_type: &'static str, body: String) -> Response {
+    let mut response = Response::new(Body::from(body));
+    *response.status_mut() =
+        StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    response
+        .headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+    response
+}
+
 /// `PUT /_emulator/deployments/{name}` with a behaviour (`healthy`, `throttled:7`, ...) as the
 /// body: how the deployment answers from now on. For scripts that drive a running emulator
 /// (`make emulator`, the e2e tests); the emulator's key is required.
@@ -215,7 +264,7 @@ async fn set_behavior(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    if !authorized(&headers, &shared.api_key) {
+    if !shared.control(&headers) {
         return respond(wire::unauthorized());
     }
     let text = String::from_utf8_lossy(&body);
@@ -315,7 +364,7 @@ fn stored_call(
     headers: &HeaderMap,
 ) -> Response {
     shared.count_stored_call();
-    if !authorized(headers, &shared.api_key) {
+    if !shared.authorized(headers) {
         return finish(shared, "-", "bad-key", wire::unauthorized());
     }
     let stored = shared.stored(id);
@@ -443,7 +492,7 @@ async fn admit(
             wire::resource_not_found(),
         ));
     }
-    if !authorized(headers, &shared.api_key) {
+    if !shared.authorized(headers) {
         return Err(finish(shared, name, "bad-key", wire::unauthorized()));
     }
     let Some(deployment) = deployment.as_deref() else {
@@ -807,21 +856,6 @@ fn api_version(query: &str) -> Option<String> {
         .find_map(|kv| kv.strip_prefix("api-version="))
         .filter(|v| !v.is_empty())
         .map(str::to_owned)
-}
-
-fn authorized(headers: &HeaderMap, key: &str) -> bool {
-    let api_key = headers
-        .get("api-key")
-        .is_some_and(|v| v.as_bytes() == key.as_bytes());
-    let bearer = headers
-        .get(AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| {
-            v.strip_prefix("Bearer ")
-                .or_else(|| v.strip_prefix("bearer "))
-        })
-        .is_some_and(|token| token.trim() == key);
-    api_key || bearer
 }
 
 /// Header names are already lowercase in `HeaderMap`; repeated headers are joined with ", ".
