@@ -46,6 +46,8 @@ VENV_BIN = BENCH / ".venv" / "bin"
 
 EMULATOR_KEY = "emulator-key"
 CLIENT_KEY = "fc-bench-client-key-0000"  # CLIENT_API_KEYS wants 16+ characters
+ENTRA_TENANT = "11111111-2222-3333-4444-555555555555"
+ENTRA_CLIENT = "66666666-7777-8888-9999-000000000000"
 LITELLM_MASTER_KEY = "sk-bench-litellm-master-key-0000"
 API_VERSION = "2024-10-21"
 DEPLOYMENTS = ("gpt-4o", "gpt-35-turbo")
@@ -1100,9 +1102,24 @@ def coldstart(report):
                 env["EXTRA_CA_CERTS"] = str(emulator.ca_path)
             return env
 
+        # Keyless: an Entra ID token through the function's AWS role, fetched during init (the
+        # emulator stands in for STS and Entra), beside the health table's warm-up.
+        emulators["entra"] = Emulator("coldstart-entra", healthy, extra=[
+            "--entra", f"{ENTRA_TENANT}:{ENTRA_CLIENT}", "--entra-federation", "on", "--local-auth", "off"])
+
+        def federated(emulator):
+            env = function(emulator)
+            env.pop("AZURE_OPENAI_API_KEY", None)
+            env.update({"AZURE_OPENAI_AUTH": "aws_federation", "AZURE_TENANT_ID": ENTRA_TENANT,
+                        "AZURE_CLIENT_ID": ENTRA_CLIENT, "AZURE_AUTHORITY_HOST": emulator.url,
+                        "AWS_ENDPOINT_URL_STS": emulator.url, "AWS_ACCESS_KEY_ID": "bench",
+                        "AWS_SECRET_ACCESS_KEY": "bench", "AWS_SESSION_TOKEN": "bench"})
+            return env
+
         fc, hello = TARGET / "release/fallback-chat", TARGET / "release/hello"
         cells = [("fallback-chat", fc, function(emulators["http"])),
                  ("fallback-chat-https", fc, function(emulators["https"]) if "https" in emulators else None),
+                 ("fallback-chat-entra", fc, federated(emulators["entra"])),
                  ("hello", hello, {})]
         for condition, group in (("full", None), ("quota", cgroup)):
             if condition == "quota" and group is None:

@@ -583,6 +583,13 @@ def coldstart_section(report, w):
                            ("Warm invocation to its response, HTTPS upstream, wall", "warm_response_ms"),
                            ("Warm invocation to its response, HTTPS upstream, CPU", "cpu_warm_invocation_ms")):
             w(f"| {label} | {cell(fcs, key, fixed)} | n/a (no upstream) | n/a |")
+        fce = rows.get("fallback-chat-entra")
+        if fce:
+            for label, key in (("Start to first poll, Entra ID through AWS federation (token fetched in init), wall", "first_poll_ms"),
+                               ("Start to first poll, Entra ID through AWS federation, CPU", "cpu_to_first_poll_ms"),
+                               ("First invocation to its response, Entra ID, wall", "first_response_ms"),
+                               ("First invocation to its response, Entra ID, CPU", "cpu_first_invocation_ms")):
+                w(f"| {label} | {cell(fce, key, fixed)} | n/a | vs key: {ratio(figure(fce, key), figure(fc, key))} |")
         w(f"| Peak RSS after both invocations | {cell(fc, 'peak_rss_kib', mib)} | {cell(he, 'peak_rss_kib', mib)} | "
           f"{ratio(figure(fc, 'peak_rss_kib'), figure(he, 'peak_rss_kib'))} |")
         w(f"| Status of the responses, first / warm | HTTP: {statuses_of(fc)}; HTTPS: {statuses_of(fcs)} | "

@@ -321,3 +321,23 @@ async fn entra_settings_are_checked_at_cold_start_naming_what_to_set() {
     ]));
     assert_eq!(ok, "", "a keyless configuration is complete");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_requests_with_no_token_yet_share_one_fetch() {
+    let emulator = keyless(Duration::from_secs(3599), true, false).await;
+    // The token endpoint takes a while: every request arrives while the first fetch runs.
+    emulator.set_token_mode(TokenMode::Slow(Duration::from_millis(300)));
+    let vars = secret_vars(&emulator);
+    let h = Harness::build(emulator, Vec::new(), &vars, None);
+    let asks = (0..8).map(|n| {
+        let h = &h;
+        async move { h.ask(&format!("at once {n}")).await }
+    });
+    let replies = futures_util::future::join_all(asks).await;
+    assert!(replies.iter().all(|r| r.status == 200), "{replies:?}");
+    assert_eq!(
+        h.emulator.token_requests(),
+        1,
+        "one fetch for eight requests"
+    );
+}

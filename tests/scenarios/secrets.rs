@@ -92,14 +92,30 @@ impl Aws {
         let create = |name: &'static str, value: String| {
             let sm = sm.clone();
             async move {
-                sm.create_secret()
+                // A busy moto can take a call and lose the answer; the SDK's retry then finds
+                // the secret made: the setup is idempotent, the tests are about reading.
+                match sm
+                    .create_secret()
                     .name(name)
                     .secret_string(value)
                     .send()
                     .await
-                    .unwrap_or_else(|e| panic!("CreateSecret {name}: {e:?}"))
-                    .arn
-                    .expect("CreateSecret returns the ARN")
+                {
+                    Ok(created) => created.arn.expect("CreateSecret returns the ARN"),
+                    Err(e)
+                        if e.as_service_error()
+                            .is_some_and(|e| e.is_resource_exists_exception()) =>
+                    {
+                        sm.describe_secret()
+                            .secret_id(name)
+                            .send()
+                            .await
+                            .unwrap_or_else(|e| panic!("DescribeSecret {name}: {e:?}"))
+                            .arn
+                            .expect("DescribeSecret returns the ARN")
+                    }
+                    Err(e) => panic!("CreateSecret {name}: {e:?}"),
+                }
             }
         };
         let key_arn = create("azure-key", format!("  {SM_KEY} \n")).await;
@@ -114,6 +130,8 @@ impl Aws {
             .name(PARAMETER)
             .value(SSM_KEY)
             .r#type(ParameterType::SecureString)
+            // Idempotent, as CreateSecret above: a retried call must not fail the setup.
+            .overwrite(true)
             .send()
             .await
             .expect("PutParameter");

@@ -6,18 +6,26 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use azure_openai_emulator::{Behavior, Emulator};
+use azure_openai_emulator::{Behavior, Emulator, EntraConfig};
 
 const USAGE: &str = "usage: azure-openai-emulator [--host 127.0.0.1] [--port 8080] [--api-key KEY]
                              [--deployment NAME=BEHAVIOR]... [--model NAME=MODEL]...
                              [--latency-ms N] [--chunk-delay-ms N]
                              [--exit-after SECS] [--tls-ca-out PATH]
+                             [--entra TENANT:CLIENT_ID] [--entra-secret SECRET]
+                             [--entra-federation on] [--token-lifetime SECS]
+                             [--local-auth off]
   defaults: --deployment gpt-4o=healthy --deployment gpt-35-turbo=healthy, key emulator-key
   --model: the model version deployment NAME reports (default: from its name, e.g. gpt-4o ->
             gpt-4o-2024-08-06); an embedding model's name (text-embedding-3-small, ...-large)
             sets the dimension of its vectors (1536, 3072) unless a request asks for another
   while running: PUT /_emulator/deployments/NAME with a BEHAVIOR as the body (and the key)
             changes how NAME answers, e.g. curl -X PUT -H 'api-key: emulator-key' -d healthy ...
+  --entra: also serve Entra ID's token endpoint (POST /TENANT/oauth2/v2.0/token) for that app
+            registration, and STS's GetWebIdentityToken (POST / with the Action); its tokens are
+            accepted as Authorization: Bearer. --entra-secret: the client secret it accepts;
+            --entra-federation on: it accepts STS's tokens as client assertions; --token-lifetime:
+            of its tokens (default 3599). --local-auth off: keys are refused (disableLocalAuth)
   --chunk-delay-ms: pause between the events of streamed (\"stream\": true) answers, default 0
   --tls-ca-out: serve HTTPS (certificate for localhost, 127.0.0.1, ::1; ALPN http/1.1) signed by
             a test CA generated at start, whose certificate is written to PATH in PEM before
@@ -56,6 +64,8 @@ struct Args {
     chunk_delay: Duration,
     exit_after: Option<Duration>,
     tls_ca_out: Option<PathBuf>,
+    entra: Option<EntraConfig>,
+    local_auth: bool,
 }
 
 fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Option<Args>, String> {
@@ -69,6 +79,8 @@ fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Option<Args>, St
         chunk_delay: Duration::ZERO,
         exit_after: None,
         tls_ca_out: None,
+        entra: None,
+        local_auth: true,
     };
     while let Some(flag) = args.next() {
         if flag == "-h" || flag == "--help" {
@@ -110,6 +122,28 @@ fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Option<Args>, St
             "--exit-after" => out.exit_after = Some(Duration::from_secs(number(&value)?)),
             "--tls-ca-out" if value.is_empty() => return Err("--tls-ca-out: empty path".into()),
             "--tls-ca-out" => out.tls_ca_out = Some(PathBuf::from(value)),
+            "--entra" => match value.split_once(':') {
+                Some((tenant, client)) if !tenant.is_empty() && !client.is_empty() => {
+                    let lifetime = out.entra.as_ref().map(|e| e.lifetime);
+                    let mut entra = EntraConfig::new(tenant, client);
+                    if let Some(lifetime) = lifetime {
+                        entra.lifetime = lifetime;
+                    }
+                    out.entra = Some(entra);
+                }
+                _ => return Err(format!("--entra: expected TENANT:CLIENT_ID, got {value:?}")),
+            },
+            "--entra-secret" | "--entra-federation" | "--token-lifetime" => {
+                let Some(entra) = out.entra.as_mut() else {
+                    return Err(format!("{flag} needs --entra before it"));
+                };
+                match flag.as_str() {
+                    "--entra-secret" => entra.client_secret = Some(value),
+                    "--entra-federation" => entra.federation = value == "on",
+                    _ => entra.lifetime = Duration::from_secs(number(&value)?),
+                }
+            }
+            "--local-auth" => out.local_auth = value != "off",
             _ => return Err(format!("unknown option {flag:?}")),
         }
     }
@@ -142,6 +176,12 @@ async fn main() -> ExitCode {
         .log_calls(true);
     if args.tls_ca_out.is_some() {
         builder = builder.tls();
+    }
+    if let Some(entra) = args.entra.clone() {
+        builder = builder.entra(entra);
+    }
+    if !args.local_auth {
+        builder = builder.disable_local_auth();
     }
     for (name, behavior) in &args.deployments {
         builder = builder.deployment(name.clone(), behavior.clone());
