@@ -24,18 +24,14 @@ impl<C: Clock> App<C> {
         mut call: Call,
     ) -> Response<Reply> {
         let operation = Operation::Embeddings;
-        let (route, body) = match self.parse(request, path_route, operation) {
-            Ok(parsed) => parsed,
-            Err(error) => return self.refused(*error, path_route, operation, call),
-        };
-        let kept = match self
-            .admitted(&mut call, request, route, &body, operation)
+        let (route, body) = match self
+            .accepted(request, path_route, operation, &mut call)
             .await
         {
-            Ok(kept) => kept,
-            Err(error) => return self.refused(*error, Some(&route.name), operation, call),
+            Ok(accepted) => accepted,
+            Err((error, route)) => return self.refused(*error, route.as_deref(), operation, call),
         };
-        let route = kept.as_ref().unwrap_or(route);
+        let route = &*route;
         let deadline = self.deadline(request);
         match self.engine.embed(route, &body, deadline).await {
             Ok(answer) => {

@@ -2,6 +2,7 @@
 //! `POST /openai/deployments/{route}/chat/completions` (Azure clients). The body passes through
 //! untouched; `model` (or the path) picks the route; errors are OpenAI-style error objects.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -107,18 +108,14 @@ impl<C: Clock> App<C> {
         mut call: Call,
     ) -> Response<Reply> {
         let operation = Operation::Chat;
-        let (route, body) = match self.parse(request, path_route, operation) {
-            Ok(parsed) => parsed,
-            Err(error) => return self.refused(*error, path_route, operation, call),
-        };
-        let kept = match self
-            .admitted(&mut call, request, route, &body, operation)
+        let (route, body) = match self
+            .accepted(request, path_route, operation, &mut call)
             .await
         {
-            Ok(kept) => kept,
-            Err(error) => return self.refused(*error, Some(&route.name), operation, call),
+            Ok(accepted) => accepted,
+            Err((error, route)) => return self.refused(*error, route.as_deref(), operation, call),
         };
-        let route = kept.as_ref().unwrap_or(route);
+        let route = &*route;
         let deadline = self.deadline(request);
         let stream = body.get("stream") == Some(&Value::Bool(true));
         if stream {
@@ -134,22 +131,30 @@ impl<C: Clock> App<C> {
         }
     }
 
-    /// The client's access to `route` and its limits' reservation for the request (in
-    /// `call`), before any upstream call; the route as the client may use it, when that is not
-    /// `route` as configured (a batch client's).
-    pub(super) async fn admitted(
+    /// A request checked ([`App::parse`]) and its client admitted to its route ([`App::admit`],
+    /// the reservation kept in `call`), before any upstream call: the route as the client may
+    /// use it (a batch client's keeps off deployments short of quota) and the body; or the
+    /// error, with the route it was for when one was found.
+    pub(super) async fn accepted(
         &self,
-        call: &mut Call,
         request: &Request,
-        route: &Route,
-        body: &JsonBody,
+        path_route: Option<&str>,
         operation: Operation,
-    ) -> Result<Option<Route>, Box<ApiError>> {
+        call: &mut Call,
+    ) -> Result<(Cow<'_, Route>, JsonBody), (Box<ApiError>, Option<String>)> {
+        let (route, body) = self
+            .parse(request, path_route, operation)
+            .map_err(|e| (e, path_route.map(str::to_owned)))?;
         let raw = request.body().len();
         let default = self.surface.limits.default_completion_tokens;
-        self.admit(call, Some(route), estimate(body, raw, operation, default))
-            .await?;
-        Ok(self.route_for_caller(call.caller, route))
+        self.admit(call, Some(route), estimate(&body, raw, operation, default))
+            .await
+            .map_err(|e| (e, Some(route.name.clone())))?;
+        let route = match self.route_for_caller(call.caller, route) {
+            Some(kept) => Cow::Owned(kept),
+            None => Cow::Borrowed(route),
+        };
+        Ok((route, body))
     }
 
     /// A request refused before any deployment was asked: its error, and its summary line.

@@ -29,18 +29,11 @@ impl<C: Clock> App<C> {
         mut call: Call,
     ) -> Response<Reply> {
         let operation = Operation::Responses;
-        let (route, body) = match self.parse(request, None, operation) {
-            Ok(parsed) => parsed,
-            Err(error) => return self.refused(*error, None, operation, call),
+        let (route, body) = match self.accepted(request, None, operation, &mut call).await {
+            Ok(accepted) => accepted,
+            Err((error, route)) => return self.refused(*error, route.as_deref(), operation, call),
         };
-        let kept = match self
-            .admitted(&mut call, request, route, &body, operation)
-            .await
-        {
-            Ok(kept) => kept,
-            Err(error) => return self.refused(*error, Some(&route.name), operation, call),
-        };
-        let route = kept.as_ref().unwrap_or(route);
+        let route = &*route;
         let deadline = self.deadline(request);
         let previous = body
             .get("previous_response_id")

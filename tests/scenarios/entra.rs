@@ -341,3 +341,40 @@ async fn concurrent_requests_with_no_token_yet_share_one_fetch() {
         "one fetch for eight requests"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_says_whether_a_token_can_be_had_without_showing_the_secret() {
+    let emulator = keyless(Duration::from_secs(3599), true, false).await;
+    let vars = secret_vars(&emulator);
+    let check = |vars: Vec<(String, String)>| async move {
+        tokio::task::spawn_blocking(move || {
+            std::process::Command::new(env!("CARGO_BIN_EXE_fallback-chat"))
+                .arg("--check")
+                .env_clear()
+                .envs(vars)
+                .env("AUTH_PROVIDED_BY", "iam")
+                .output()
+                .expect("the binary runs")
+        })
+        .await
+        .unwrap()
+    };
+    let ok = check(vars.clone()).await;
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    assert_eq!(emulator.token_requests(), 1, "--check asked for a token");
+
+    emulator.set_token_mode(TokenMode::InvalidClient);
+    let refused = check(vars).await;
+    let said = String::from_utf8_lossy(&refused.stderr).to_string()
+        + &String::from_utf8_lossy(&refused.stdout);
+    assert!(!refused.status.success());
+    assert!(
+        said.contains("no Entra ID token") && said.contains("AADSTS7000215"),
+        "{said}"
+    );
+    assert!(!said.contains(SECRET), "{said}");
+}
