@@ -8,7 +8,8 @@
 //! uses it. A request takes the cached token; one near its end (the last half of its life, or
 //! its last five minutes) is renewed in the background while it still serves; a request waits
 //! only when there is no valid token, and then for one fetch, shared with every request that
-//! needs it at the same time. A failed renewal keeps the token that is still valid and tries
+//! needs it at the same time; the fetch runs in a task of its own, so one slower than the
+//! request's attempt goes on and serves the next request. A failed renewal keeps the token that is still valid and tries
 //! again after a back-off (1 s, doubling to 30 s); while no token can be had, requests fail at
 //! once with the last error until the back-off ends, so a token endpoint that is down costs
 //! them nothing but that. Errors carry Entra's AADSTS code and description, never the secret
@@ -144,7 +145,7 @@ impl TokenSource {
         };
         match cached {
             Some(token) => Ok(token),
-            None => self.fetch(clock, None).await,
+            None => self.fetch_detached(clock, None).await,
         }
     }
 
@@ -155,7 +156,25 @@ impl TokenSource {
         clock: &impl Clock,
         stale: &Token,
     ) -> Result<Token, TokenError> {
-        self.fetch(clock, Some(stale.serial)).await
+        self.fetch_detached(clock, Some(stale.serial)).await
+    }
+
+    /// [`TokenSource::fetch`] in a task of its own: a caller that stops waiting (its attempt's
+    /// time ran out) leaves the fetch running, so a token endpoint slower than an attempt still
+    /// yields a token, for the next request.
+    async fn fetch_detached(
+        self: &Arc<Self>,
+        clock: &impl Clock,
+        stale: Option<u64>,
+    ) -> Result<Token, TokenError> {
+        let (this, clock) = (Arc::clone(self), clock.clone());
+        let task = tokio::spawn(async move { this.fetch(&clock, stale).await });
+        task.await.unwrap_or_else(|_| {
+            Err(TokenError::Unreachable {
+                authority: self.app.authority.clone(),
+                reason: "the token request stopped".into(),
+            })
+        })
     }
 
     /// One fetch, shared: whoever waited for a fetch in flight takes its result. `stale`: the

@@ -176,7 +176,7 @@ async fn a_pool_of_only_entra_deployments_answers_503_naming_the_cause_in_time_a
     let mut vars = secret_vars(&emulator);
     vars.push(("ATTEMPT_TIMEOUT_MS".into(), "400".into()));
     vars.push(("REQUEST_TIMEOUT_MS".into(), "2000".into()));
-    emulator.set_token_mode(TokenMode::Slow(Duration::from_secs(5)));
+    emulator.set_token_mode(TokenMode::Slow(Duration::from_secs(1)));
     let h = Harness::build(emulator, Vec::new(), &vars, None);
     let started = std::time::Instant::now();
     let reply = h.ask("hello").await;
@@ -198,8 +198,10 @@ async fn a_pool_of_only_entra_deployments_answers_503_naming_the_cause_in_time_a
         "{attempts:?}"
     );
 
-    // Down: every attempt says so, at once, while the back-off lasts.
+    // Down: every attempt says so, at once, while the back-off lasts. (The slow fetch went on
+    // after the attempts stopped waiting; it ends, refused, before the next request.)
     h.emulator.set_token_mode(TokenMode::Unavailable);
+    tokio::time::sleep(Duration::from_millis(1300)).await;
     h.advance(Duration::from_secs(60));
     let reply = h.ask("still down").await;
     assert_eq!(reply.status, 503);
@@ -377,4 +379,21 @@ async fn check_says_whether_a_token_can_be_had_without_showing_the_secret() {
         "{said}"
     );
     assert!(!said.contains(SECRET), "{said}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_endpoint_slower_than_an_attempt_still_yields_a_token_for_the_next_request() {
+    let emulator = keyless(Duration::from_secs(3599), true, false).await;
+    let mut vars = secret_vars(&emulator);
+    vars.push(("ATTEMPT_TIMEOUT_MS".into(), "300".into()));
+    vars.push(("AZURE_OPENAI_DEPLOYMENTS".into(), "gpt-4o".into()));
+    emulator.set_token_mode(TokenMode::Slow(Duration::from_millis(800)));
+    let h = Harness::build(emulator, Vec::new(), &vars, None);
+    // The attempt gives up waiting; the fetch goes on.
+    let first = h.ask("first").await;
+    assert_eq!(first.status, 503, "{:?}", first.body);
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let next = h.ask("next").await;
+    assert_eq!(next.status, 200, "{:?}", next.body);
+    assert_eq!(h.emulator.token_requests(), 1, "the one fetch served both");
 }
