@@ -229,10 +229,12 @@ impl<C: Clock> Failover<'_, C> {
 
     /// Whether `route` keeps deployment `i` out for what it reports left (a batch client's).
     fn reserved(&self, route: &Route, i: usize) -> bool {
-        route
-            .reserve
-            .zip(self.sync.remaining_tokens(i))
-            .is_some_and(|(reserve, left)| left < reserve)
+        // Read only for a route that keeps a reserve: most requests' routes do not.
+        route.reserve.is_some_and(|reserve| {
+            self.sync
+                .remaining_tokens(i)
+                .is_some_and(|left| left < reserve)
+        })
     }
 
     /// Time left before `deadline`.

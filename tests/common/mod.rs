@@ -399,3 +399,22 @@ pub fn content(events: &[Value]) -> String {
 pub async fn body(response: lambda_http::Response<fallback_chat::reply::Reply>) -> String {
     String::from_utf8(response.into_body().collect().await.to_vec()).unwrap()
 }
+
+/// The AWS SDK's configuration as the function loads it, every service pointed at `endpoint`
+/// (moto, or the emulator standing in for STS) with test credentials, over the function's own
+/// HTTP client.
+pub async fn aws_sdk(endpoint: &str) -> aws_config::SdkConfig {
+    aws_config::defaults(aws_config::BehaviorVersion::latest())
+        .region(aws_config::Region::new("us-east-1"))
+        .endpoint_url(endpoint)
+        .credentials_provider(aws_sdk_dynamodb::config::Credentials::new(
+            "testing", "testing", None, None, "test",
+        ))
+        .http_client(
+            fallback_chat::net::Http::new(&fallback_chat::net::ExtraRoots::default())
+                .expect("an HTTP client")
+                .for_aws(),
+        )
+        .load()
+        .await
+}

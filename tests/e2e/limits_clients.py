@@ -10,32 +10,17 @@ Prints one line per check and a closing "N passed, N failed" line; exits non-zer
 
 import sys
 import time
-import traceback
 from concurrent.futures import ThreadPoolExecutor
 
 from openai import OpenAI, RateLimitError
 
+from checks import check, finish
+
 BASE, CHATBOT, SMALL, TPM, EMULATOR_LOG = sys.argv[1].rstrip("/"), sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5]
-results = []
 
 
 def client(key):
     return OpenAI(base_url=f"{BASE}/v1", api_key=key, max_retries=0, timeout=60)
-
-
-def check(name):
-    def run(fn):
-        try:
-            fn()
-            results.append(True)
-            print(f"ok   {name}")
-        except Exception:  # report every failure, then go on
-            results.append(False)
-            print(f"FAIL {name}")
-            traceback.print_exc()
-        return fn
-
-    return run
 
 
 def upstream_calls():
@@ -110,6 +95,4 @@ def fleet_wide():
     assert used >= TPM // 2, f"leases left most of the limit unused: {used} of {TPM}"
 
 
-passed = sum(results)
-print(f"{passed} passed, {len(results) - passed} failed")
-sys.exit(0 if all(results) else 1)
+finish()

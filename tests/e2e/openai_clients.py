@@ -8,9 +8,10 @@ answer must come complete from gpt-35-turbo. Prints one line per check and a clo
 """
 
 import sys
-import traceback
 
 from openai import AzureOpenAI, OpenAI
+
+from checks import check, finish
 
 import time
 
@@ -29,22 +30,6 @@ azure_client = AzureOpenAI(
     azure_endpoint=BASE, api_version="2024-10-21", api_key=KEY, max_retries=0, timeout=30
 )
 
-results = []
-
-
-def check(name):
-    def run(fn):
-        try:
-            fn()
-            results.append(True)
-            print(f"ok   {name}")
-        except Exception:  # report every failure, then go on
-            results.append(False)
-            print(f"FAIL {name}")
-            traceback.print_exc()
-        return fn
-
-    return run
 
 
 def collect(stream):
@@ -142,7 +127,4 @@ def _():
         raise AssertionError("a wrong key was accepted")
 
 
-passed = sum(results)
-failed = len(results) - passed
-print(f"{passed} passed, {failed} failed")
-sys.exit(1 if failed else 0)
+finish()

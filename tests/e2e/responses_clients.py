@@ -11,35 +11,20 @@ Prints one line per check and a closing "N passed, N failed" line; exits non-zer
 
 import sys
 import time
-import traceback
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 from openai import APIStatusError, BadRequestError, OpenAI
+
+from checks import check, finish
 
 BASE, KEY, EAST, WEST, EAST_LOG = sys.argv[1].rstrip("/"), sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5]
 client = OpenAI(base_url=f"{BASE}/v1", api_key=KEY, max_retries=0, timeout=60)
 QUESTION = "Where is my order?"
 ANSWER = f"[gpt-4o] You said: {QUESTION}"
 
-results = []
 # The stored conversation's first response, for the last check.
 CONVERSATION = []
-
-
-def check(name):
-    def run(fn):
-        try:
-            fn()
-            results.append(True)
-            print(f"ok   {name}")
-        except Exception:  # report every failure, then go on
-            results.append(False)
-            print(f"FAIL {name}")
-            traceback.print_exc()
-        return fn
-
-    return run
 
 
 def behave(emulator, deployment, behavior):
@@ -188,7 +173,4 @@ def _():
     assert east_lines("deployment=gpt-4o ") == east_calls, "east was asked"
 
 
-passed = sum(results)
-failed = len(results) - passed
-print(f"{passed} passed, {failed} failed")
-sys.exit(1 if failed else 0)
+finish()

@@ -9,14 +9,11 @@ use std::time::Duration;
 
 use crate::common;
 
-use aws_config::{BehaviorVersion, Region, SdkConfig};
-use aws_sdk_dynamodb::config::Credentials;
 use azure_openai_emulator::{EntraConfig, TokenMode};
 use common::{Behavior, Emulator, Harness, Logs};
 use fallback_chat::App;
 use fallback_chat::clock::ManualClock;
 use fallback_chat::config::Config;
-use fallback_chat::net::{ExtraRoots, Http};
 use serde_json::{Value, json};
 
 const TENANT: &str = "11111111-2222-3333-4444-555555555555";
@@ -214,21 +211,6 @@ async fn a_pool_of_only_entra_deployments_answers_503_naming_the_cause_in_time_a
     assert_eq!(reply.status, 200, "{:?}", reply.body);
 }
 
-/// The SDK's configuration, its STS pointed at the emulator.
-async fn sts_at(emulator: &Emulator) -> SdkConfig {
-    aws_config::defaults(BehaviorVersion::latest())
-        .region(Region::new("us-east-1"))
-        .endpoint_url(emulator.url())
-        .credentials_provider(Credentials::new("testing", "testing", None, None, "test"))
-        .http_client(
-            Http::new(&ExtraRoots::default())
-                .expect("an HTTP client")
-                .for_aws(),
-        )
-        .load()
-        .await
-}
-
 #[tokio::test]
 async fn with_aws_federation_sts_signs_the_assertion_and_no_secret_exists() {
     let emulator = keyless(Duration::from_secs(3599), false, true).await;
@@ -245,7 +227,7 @@ async fn with_aws_federation_sts_signs_the_assertion_and_no_secret_exists() {
     .map(|(k, v)| (k.to_owned(), v))
     .collect();
     let config = Config::from_lookup(|k| vars.get(k).cloned()).unwrap();
-    let sdk = sts_at(&emulator).await;
+    let sdk = common::aws_sdk(&emulator.url()).await;
     let clock = Arc::new(ManualClock::default());
     let app = Arc::new(App::with_aws(config, Arc::clone(&clock), 1, None, &sdk).unwrap());
     let logs = Logs::default();

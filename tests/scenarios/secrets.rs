@@ -9,14 +9,12 @@ use std::time::{Duration, Instant};
 
 use crate::common;
 
-use aws_config::{BehaviorVersion, Region, SdkConfig};
-use aws_sdk_secretsmanager::config::Credentials;
+use aws_config::SdkConfig;
 use aws_sdk_ssm::types::ParameterType;
 use common::Logs;
 use common::moto::Moto;
 use fallback_chat::config::Config;
 use fallback_chat::config::keys::{referenced, resolve};
-use fallback_chat::net::{ExtraRoots, Http};
 use fallback_chat::{App, ClientKeys};
 
 const ENDPOINT: &str = "https://x.openai.azure.com";
@@ -54,22 +52,6 @@ fn config(vars: &[(&str, &str)]) -> Config {
     Config::from_lookup(|name| map.get(name).cloned()).expect("the test config is valid")
 }
 
-/// The SDK's configuration as the function loads it, pointed at `endpoint` with test
-/// credentials, over the function's own HTTP client.
-async fn sdk(endpoint: &str) -> SdkConfig {
-    aws_config::defaults(BehaviorVersion::latest())
-        .region(Region::new("us-east-1"))
-        .endpoint_url(endpoint)
-        .credentials_provider(Credentials::new("testing", "testing", None, None, "test"))
-        .http_client(
-            Http::new(&ExtraRoots::default())
-                .expect("an HTTP client")
-                .for_aws(),
-        )
-        .load()
-        .await
-}
-
 /// moto with the secrets and the parameter the tests read, and the SDK configuration that
 /// reaches it.
 struct Aws {
@@ -86,7 +68,7 @@ struct Aws {
 impl Aws {
     async fn start() -> Self {
         let moto = Moto::start();
-        let sdk = sdk(&moto.endpoint()).await;
+        let sdk = common::aws_sdk(&moto.endpoint()).await;
         let sm = aws_sdk_secretsmanager::Client::new(&sdk);
         let ssm = aws_sdk_ssm::Client::new(&sdk);
         let create = |name: &'static str, value: String| {
@@ -473,7 +455,7 @@ async fn an_endpoint_that_does_not_answer_fails_in_time_saying_where_it_tried() 
         .and_then(|l| l.local_addr())
         .unwrap()
         .port();
-    let sdk = sdk(&format!("http://127.0.0.1:{closed}")).await;
+    let sdk = common::aws_sdk(&format!("http://127.0.0.1:{closed}")).await;
     let arn = "arn:aws:secretsmanager:us-east-1:123456789012:secret:azure-key-AbCdEf";
     let config = config(&[("AZURE_OPENAI_API_KEY", arn)]);
     let started = Instant::now();
